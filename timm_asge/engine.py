@@ -1,0 +1,159 @@
+"""Local learning for ASGE models: every block learns from its own loss, no gradient crosses a block boundary.
+
+``LocalLearner`` is an ``nn.Module`` whose ``forward(images, labels)`` returns every block's local loss and correct
+count plus the fusion read-out's loss, so accelerate / DDP can wrap it like any model (the local losses must come
+through the wrapped module's ``__call__``, or DDP never synchronises the gradients).
+
+Two modes give identical gradients:
+    * ``fused``: the caller sums the losses and runs one backward (one all-reduce under DDP).
+    * ``lean``: each block's backward runs right after its forward, inside ``forward``, so only one block's graph is
+      alive at a time: the memory advantage of local learning. ``forward`` then returns detached losses.
+"""
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .goodness import check_choice
+from .models.asge_cnn import AsgeCnn
+
+__all__ = ['LocalLearner', 'MODES', 'param_groups', 'evaluate', 'choose_best_block', 'check_labels']
+
+MODES = ('fused', 'lean')
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise a ValueError if a label lies outside ``[0, num_classes)``.
+
+    On the CPU the check is immediate. On an accelerator it is an asynchronous device assert (no host sync in the
+    training step); the recipe also checks every label once, on the host, when it loads the data.
+    """
+    if labels.device.type == 'cpu':
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
+            raise ValueError(
+                f'labels {bad[:10]} lie outside [0, {num_classes}) for a {num_classes}-class model; '
+                f'check the dataset label column or create the model with num_classes=<number of classes>')
+    else:
+        torch._assert_async(((labels >= 0) & (labels < num_classes)).all(), f'labels outside [0, {num_classes})')
+
+
+class LocalLearner(nn.Module):
+    """Training wrapper computing the ASGE local losses of an :class:`AsgeCnn`."""
+
+    def __init__(self, model: AsgeCnn, mode: str = 'fused'):
+        """
+        Args:
+            model: The ASGE network to train.
+            mode: ``'fused'`` (sum the returned loss, one backward) or ``'lean'`` (per-block backward inside forward).
+        """
+        super().__init__()
+        self.model = model
+        self.mode = check_choice('engine mode', mode, MODES)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Compute every local loss (and, in ``lean`` mode with grad enabled, its gradients).
+
+        Returns:
+            ``loss``: sum of all local losses (call backward on it in ``fused`` mode; detached in ``lean`` mode);
+            ``block_losses``: (L,) detached per-block losses; ``fusion_loss``: detached read-out loss;
+            ``correct``: (L + 1,) correct predictions of every block's scores, then of the fusion read-out.
+        """
+        model = self.model
+        model.check_input(images)
+        check_labels(labels, model.num_classes)
+        lean = self.mode == 'lean' and torch.is_grad_enabled()
+        x = model.stem(images)
+        losses, correct, outputs = [], [], []
+        for block in model.stages:
+            y = block.features(x.detach())
+            scores = block.scores(y)
+            loss = F.cross_entropy(scores.float(), labels)
+            if lean:
+                loss.backward()
+                loss = loss.detach()
+            # The next block reads a detached input, so the transition (pool, dropout, RMS norm) needs no graph.
+            with torch.no_grad():
+                x = block.transition(y)
+            losses.append(loss)
+            correct.append((scores.detach().argmax(dim=1) == labels).sum())
+            outputs.append(x)
+        # The read-out learns from detached block outputs: it never sends a gradient into the convolutions.
+        fusion_logits = model.head(model.fuse(outputs))
+        fusion_loss = F.cross_entropy(fusion_logits.float(), labels)
+        if lean:
+            fusion_loss.backward()
+            fusion_loss = fusion_loss.detach()
+        correct.append((fusion_logits.detach().argmax(dim=1) == labels).sum())
+        block_losses = torch.stack(losses)
+        return {
+            'loss': block_losses.sum() + fusion_loss,
+            'block_losses': block_losses.detach(),
+            'fusion_loss': fusion_loss.detach(),
+            'correct': torch.stack(correct),
+        }
+
+
+def param_groups(
+        model: AsgeCnn,
+        lr: float,
+        weight_decay: float = 0.0,
+        block_lrs: Optional[Sequence[float]] = None,
+) -> List[Dict]:
+    """One optimizer param group per block and one for the fusion read-out.
+
+    One optimizer with per-block groups keeps per-block learning rates possible while mixed precision sees a single
+    optimizer (accelerate steps a grad scaler once per optimizer, which breaks fp16 with several optimizers).
+
+    Args:
+        model: The ASGE network.
+        lr: Learning rate of every group (the fusion read-out included).
+        weight_decay: Weight decay of every group.
+        block_lrs: Optional learning rate per block, overriding ``lr`` for the blocks.
+    """
+    if block_lrs is not None and len(block_lrs) != len(model.stages):
+        raise ValueError(f'block_lrs has {len(block_lrs)} entries but the model has {len(model.stages)} blocks')
+    groups = []
+    for i, block in enumerate(model.stages):
+        block_lr = lr if block_lrs is None else block_lrs[i]
+        groups.append({'params': list(block.parameters()), 'lr': block_lr, 'weight_decay': weight_decay,
+                       'name': f'stages.{i}'})
+    groups.append({'params': list(model.head.parameters()), 'lr': lr, 'weight_decay': weight_decay, 'name': 'head'})
+    return groups
+
+
+@torch.no_grad()
+def evaluate(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Correct predictions of every block's scores and of the fusion read-out over ``batches``.
+
+    Returns:
+        ``correct`` (L + 1,) on the model's device (blocks, then fusion) and the number of samples (0-dim tensor),
+        so the caller can reduce both across processes before dividing.
+    """
+    was_training = model.training
+    model.eval()
+    correct, total = None, None
+    for images, labels in batches:
+        logits = model.block_logits(images)
+        batch_correct = torch.stack([(out.argmax(dim=1) == labels).sum() for out in logits])
+        correct = batch_correct if correct is None else correct + batch_correct
+        count = torch.tensor(labels.shape[0], device=labels.device)
+        total = count if total is None else total + count
+    model.train(was_training)
+    if correct is None:
+        raise ValueError('evaluate() got no batches; the evaluation split is empty')
+    return correct, total
+
+
+def choose_best_block(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[int, List[float]]:
+    """Pick the block whose own scores are most accurate on ``batches`` (ties go to the earlier, cheaper block).
+
+    The choice is stored in the model (``best_block`` buffer and ``architecture_args()``); the active strategy is
+    left as it is. Returns the block index and every block's accuracy.
+    """
+    correct, total = evaluate(model, batches)
+    accuracy = (correct[:-1].double() / total).tolist()
+    best = max(range(len(accuracy)), key=lambda i: (accuracy[i], -i))
+    model.set_prediction(model.prediction, best_block=best)
+    return best, accuracy

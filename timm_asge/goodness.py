@@ -1,0 +1,107 @@
+"""Spatial goodness: the read-out that turns an ASGE block's feature map into class scores.
+
+Pieces of one ASGE block (Gong, Staszewski, Xu, "Adaptive Spatial Goodness Encoding", arXiv:2509.12394) that carry
+no trainable weights: the adaptive grid size, the grid-pooled goodness vector, the fixed random projection to class
+scores, RMS pooling and the parameter-free per-sample RMS normalisation.
+"""
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['grid_size', 'spatial_goodness', 'rms_norm', 'rms_pool2d', 'RmsNorm', 'FixedProjection']
+
+# Added to the RMS before dividing so an all-zero map stays zero instead of NaN.
+_RMS_EPS = 1e-6
+
+
+def grid_size(channels: int, ref_channels: int, alpha: float = 1.0) -> int:
+    """Side of the goodness grid of a block, ``P_l = (C_L / C_l) ** alpha``.
+
+    The paper's rule gives integers for power-of-two widths (512 -> 1, 256 -> 2, 128 -> 4, 64 -> 8 with C_L = 512).
+    Other widths round to the nearest integer, never below 1, so a block wider than the reference keeps a 1x1 grid.
+
+    Args:
+        channels: Output channels of the block (C_l).
+        ref_channels: Reference width (C_L, the last block's width).
+        alpha: Grid exponent.
+    """
+    if channels <= 0 or ref_channels <= 0:
+        raise ValueError(f'channel counts must be positive, got channels={channels}, ref_channels={ref_channels}')
+    return max(1, int(round((ref_channels / channels) ** alpha)))
+
+
+def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
+    """Mean of ``y**2`` over each cell of a ``grid x grid`` partition of every channel, flattened channel-major.
+
+    Computed in float32 whatever the input dtype: squares of bf16 activations lose too much precision.
+
+    Args:
+        y: Feature map (B, C, H, W), H and W at least ``grid``.
+        grid: Cells per side.
+
+    Returns:
+        Goodness vector (B, C * grid * grid).
+    """
+    return F.adaptive_avg_pool2d(y.float().square(), grid).flatten(1)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Divide every sample by the root mean square of all its elements (no learned parameters)."""
+    rms = x.float().square().mean(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt()
+    return (x / (rms + _RMS_EPS)).to(x.dtype)
+
+
+def rms_pool2d(x: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
+    """RMS pooling, ``sqrt(avg_pool(x**2))``, the down-sampling the paper describes."""
+    # The epsilon keeps the gradient of sqrt finite where a whole window is zero (common after ReLU).
+    return (F.avg_pool2d(x.float().square(), kernel_size) + _RMS_EPS ** 2).sqrt().to(x.dtype)
+
+
+class RmsNorm(nn.Module):
+    """Module form of :func:`rms_norm`: the ASGE stem, and the last step of every block's output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x)
+
+
+class FixedProjection(nn.Module):
+    """Fixed random map from a goodness vector to class scores, ``a = g @ R + b``.
+
+    ``R ~ N(0, 1) / sqrt(N)`` with shape (in_features, N) and ``b ~ N(0, 1) / sqrt(N)`` are drawn once from their own
+    seeded generator and kept as persistent buffers: never trained, always saved with the weights, and identical in
+    every process that builds the same model, so DDP ranks agree without broadcasting them.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, seed: int, device=None, dtype=None):
+        """
+        Args:
+            in_features: Goodness vector length (C * P * P).
+            num_classes: Number of classes N.
+            seed: Seed of the generator that draws R and b.
+        """
+        super().__init__()
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.seed = seed
+        generator = torch.Generator().manual_seed(seed)
+        scale = 1.0 / math.sqrt(max(num_classes, 1))
+        weight = torch.randn(in_features, num_classes, generator=generator) * scale
+        bias = torch.randn(num_classes, generator=generator) * scale
+        self.register_buffer('weight', weight.to(device=device, dtype=dtype))
+        self.register_buffer('bias', bias.to(device=device, dtype=dtype))
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias.to(g.dtype), g, self.weight.to(g.dtype))
+
+    def extra_repr(self) -> str:
+        return f'in_features={self.in_features}, num_classes={self.num_classes}, seed={self.seed}'
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ValueError that lists them."""
+    if value not in choices:
+        raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(repr(c) for c in choices)}')
+    return value

@@ -1,0 +1,1 @@
+from .asge_cnn import *
