@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .goodness import check_choice
 from .models.asge_cnn import AsgeCnn
 
-__all__ = ['LocalLearner', 'MODES', 'param_groups', 'evaluate', 'choose_best_block', 'check_labels']
+__all__ = ['LocalLearner', 'MODES', 'param_groups', 'evaluate', 'choose_best_block', 'check_labels', 'all_reduce_gradients']
 
 MODES = ('fused', 'lean')
 
@@ -157,3 +157,23 @@ def choose_best_block(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torc
     best = max(range(len(accuracy)), key=lambda i: (accuracy[i], -i))
     model.set_prediction(model.prediction, best_block=best)
     return best, accuracy
+
+
+def all_reduce_gradients(module: nn.Module) -> None:
+    """Average the gradients of ``module`` over all processes, in one flat all-reduce.
+
+    Used by ``lean`` mode under several processes: its per-block backward runs inside ``forward``, where DDP's
+    reducer does not expect it, so the recipe leaves the engine unwrapped and synchronises the gradients here.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)

@@ -1,0 +1,539 @@
+#!/usr/bin/env python
+"""Train an ASGE model layer-locally with accelerate: one CPU, one GPU or many.
+
+    accelerate launch recipes/train.py --config recipes/configs/digits.yaml [key=value ...]
+    python recipes/train.py --config recipes/configs/fashion_mnist.yaml data.path=/data/fashion_mnist train.epochs=5
+    python recipes/train.py --config recipes/configs/digits.yaml --resume          # continue the latest checkpoint
+
+Every block learns from its own loss (``timm_asge.engine.LocalLearner``); one AdamW with a param group per block.
+The output folder gets ``results.json`` (test accuracy, parameters, FLOPs and activation memory of each prediction
+strategy), ``block_accuracy.png``, ``log.jsonl``, resumable ``checkpoints/`` and ``export/``: the best-validation
+model in timm's Hub format, loadable with ``timm.create_model('local-dir:<output>/export', pretrained=True)``.
+"""
+import argparse
+import copy
+import difflib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import timm
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+import timm_asge
+from timm_asge.costs import strategy_costs
+from timm_asge.data import ImageData, augment_batch, epoch_batches, load_tensors, num_batches, split_train_val
+from timm_asge.data import to_model_input
+from timm_asge.engine import LocalLearner, all_reduce_gradients, choose_best_block, evaluate, param_groups
+from timm_asge.fileio import atomic_path
+from timm_asge.hub import save_pretrained
+
+DEFAULTS: Dict[str, Any] = {
+    'name': 'run',
+    'output_dir': None,  # default: outputs/<name>
+    'model': {
+        'name': 'asge_cnn',
+        'args': {},  # any AsgeCnn constructor argument (widths, pool_type, alpha, drop_rate, ...)
+        'prediction': 'fusion',  # strategy of the exported model: fusion | last | best
+    },
+    'data': {
+        'source': 'digits',  # 'digits', a Hub id, or a local folder (parquet layout or imagefolder)
+        'path': None,  # a local folder; overrides source (use it offline)
+        'image_column': None,  # found from the dataset's features when None
+        'label_column': None,
+        'train_split': 'train',
+        'test_split': 'test',
+        'val_size': 0.1,  # count, or fraction of the training split
+        'img_size': 32,
+        'channels': 3,
+        'crop_padding': 0,
+        'hflip': False,
+        'color_jitter': None,  # [brightness, contrast, saturation, hue]
+        'grayscale_p': 0.0,
+        'cache_dir': None,
+    },
+    'train': {
+        'epochs': 100,
+        'max_steps': None,  # stop early after this many optimizer steps (short budgets, smoke tests)
+        'batch_size': 128,  # per process
+        'lr': 2e-4,
+        'min_lr': 1e-5,
+        'weight_decay': 1e-3,
+        'mode': 'fused',  # fused | lean
+        'mixed_precision': 'no',  # no | bf16
+        'seed': 0,
+        'cpu': False,
+        'log_every': 50,  # steps between progress/log updates (and NaN checks)
+        'checkpoint_every': 0,  # steps between checkpoints; 0 = at each epoch end only
+        'keep_checkpoints': 2,
+        'eval_batch_size': 1000,
+        'channels_last': False,
+    },
+}
+
+
+class JsonlTracker(GeneralTracker):
+    """accelerate tracker writing one JSON line per ``log`` call: always available, easy to read back."""
+
+    name = 'jsonl'
+    requires_logging_directory = False
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values: dict) -> None:
+        with self.path.open('a') as f:
+            f.write(json.dumps({'config': values}) + '\n')
+
+    def log(self, values: dict, step: Optional[int] = None, **kwargs) -> None:
+        with self.path.open('a') as f:
+            f.write(json.dumps({'step': step, **values}) + '\n')
+
+
+class TrainState:
+    """Counters and history saved with every checkpoint (``register_for_checkpointing``)."""
+
+    def __init__(self):
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.best_metric, self.best_epoch = -1.0, -1
+        self.history: List[Dict[str, Any]] = []
+        self.train_time = 0.0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+def load_config(path: Optional[str], overrides: List[str]) -> Dict[str, Any]:
+    """Defaults, then the YAML file, then ``key=value`` overrides; unknown keys stop with a suggestion."""
+    config = copy.deepcopy(DEFAULTS)
+    if path:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        _merge(config, loaded, where=path)
+        config.setdefault('name', Path(path).stem)
+        if config['name'] == DEFAULTS['name']:
+            config['name'] = Path(path).stem
+    for item in overrides:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise SystemExit(f'error: override {item!r} is not key=value (e.g. train.epochs=5)')
+        nested: Dict[str, Any] = {}
+        node = nested
+        *parents, leaf = key.split('.')
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+        _merge(config, nested, where='the command line')
+    return config
+
+
+def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str, prefix: str = '') -> None:
+    for key, value in new.items():
+        if key not in base:
+            close = difflib.get_close_matches(key, list(base), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f'; known keys: {", ".join(base)}'
+            raise SystemExit(f"error: unknown config key '{prefix}{key}' in {where}{hint}")
+        if isinstance(base[key], dict) and key != 'args':
+            if not isinstance(value, dict):
+                raise SystemExit(f"error: config key '{prefix}{key}' in {where} must be a mapping")
+            _merge(base[key], value, where, prefix=f'{prefix}{key}.')
+        else:
+            base[key] = value
+
+
+def describe_hardware(accelerator: Accelerator) -> str:
+    if accelerator.device.type == 'cuda':
+        device = torch.cuda.get_device_name(accelerator.device)
+    else:
+        device = platform.processor() or platform.machine()
+        try:
+            with open('/proc/cpuinfo') as f:
+                device = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+        except (OSError, StopIteration):
+            pass
+        device = f'{os.cpu_count()}-core CPU ({device})'
+    return f'{accelerator.num_processes} x {device}, torch {torch.__version__}'
+
+
+def git_commit() -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def load_data(config: Dict[str, Any]):
+    """Train/validation/test tensors (uint8, on the CPU) and the class names."""
+    data_cfg = config['data']
+    source = data_cfg['path'] or data_cfg['source']
+    load = dict(img_size=data_cfg['img_size'], channels=data_cfg['channels'], image_column=data_cfg['image_column'],
+                label_column=data_cfg['label_column'], cache_dir=data_cfg['cache_dir'])
+    try:
+        full_train = load_tensors(source, data_cfg['train_split'], **load)
+        test = load_tensors(source, data_cfg['test_split'], **load)
+    except ValueError as err:
+        raise SystemExit(f'error: {err}') from err
+    train, val = split_train_val(full_train, data_cfg['val_size'], config['train']['seed'])
+    return train, val, test
+
+
+def build_model(config: Dict[str, Any], num_classes: int):
+    data_cfg, model_cfg = config['data'], config['model']
+    try:
+        model = timm.create_model(model_cfg['name'], num_classes=num_classes, in_chans=data_cfg['channels'],
+                                  **model_cfg['args'])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"error: cannot build model {model_cfg['name']!r} with model.args={model_cfg['args']}: "
+                         f"{err}. Available: {', '.join(timm.list_models('asge*'))}") from err
+    if data_cfg['img_size'] < model.min_input_size:
+        raise SystemExit(
+            f"error: data.img_size={data_cfg['img_size']} is too small for {model_cfg['name']}: its "
+            f"{sum(model.downsample)} down-sampling steps and goodness grids {model.grids} need at least "
+            f"{model.min_input_size}x{model.min_input_size}; raise data.img_size or choose a shallower model")
+    return model
+
+
+def evaluate_split(accelerator: Accelerator, model, data: ImageData, batch_size: int) -> torch.Tensor:
+    """Accuracy of every block and of the fusion read-out on ``data`` (sharded over processes, reduced)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches = ((to_model_input(images), labels) for _, images, labels in
+               epoch_batches(data, batch_size, rank=rank, world_size=world, shuffle=False))
+    with accelerator.autocast():
+        correct, total = evaluate(model, batches)
+    correct, total = accelerator.reduce(correct, 'sum'), accelerator.reduce(total, 'sum')
+    return correct.double() / total
+
+
+def check_finite(accelerator: Accelerator, window: List[torch.Tensor], first_step: int, checkpoint: str) -> None:
+    """Stop with the block and step of the first non-finite loss in ``window`` (one host sync per call)."""
+    if not window:
+        return
+    losses = torch.stack(window)  # (steps, blocks + 1)
+    bad = accelerator.reduce((~torch.isfinite(losses)).any().float(), 'sum')
+    if bad.item() == 0:
+        return
+    rows, cols = torch.nonzero(~torch.isfinite(losses), as_tuple=True)
+    where = 'on another process'
+    if len(rows):
+        block = int(cols[0])
+        name = 'the fusion read-out' if block == losses.shape[1] - 1 else f'block {block}'
+        where = f'in {name} at step {first_step + int(rows[0]) + 1} (loss {losses[rows[0], cols[0]].item()})'
+    raise SystemExit(f'error: non-finite loss {where}; training stopped. The last good checkpoint is '
+                     f'{checkpoint or "none (none saved yet)"}. Lower train.lr, or use train.mixed_precision=no')
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, keep: int) -> str:
+    """``save_state`` into a temporary folder, then rename: a crash never leaves a half-written checkpoint."""
+    ckpt_dir = out / 'checkpoints'
+    final = ckpt_dir / f'step_{state.step:08d}'
+    tmp = ckpt_dir / f'.tmp_step_{state.step:08d}'
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(ckpt_dir.glob('step_*'))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return str(final)
+
+
+def latest_checkpoint(out: Path) -> Optional[Path]:
+    found = sorted((out / 'checkpoints').glob('step_*'))
+    return found[-1] if found else None
+
+
+def plot_history(history: List[Dict[str, Any]], path: Path, num_blocks: int) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    epochs = [h['epoch'] + 1 for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b in range(num_blocks):
+        ax.plot(epochs, [100 * h['val_block_acc'][b] for h in history], label=f'block {b + 1}', marker='.')
+    ax.plot(epochs, [100 * h['val_fusion_acc'] for h in history], label='fusion', color='black', lw=2)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('validation accuracy (%)')
+    ax.set_title('ASGE per-block validation accuracy')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
+    plt.close(fig)
+
+
+def write_json(path: Path, payload: Dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + '\n')
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', help='YAML config (recipes/configs/<benchmark>.yaml)')
+    parser.add_argument('--resume', nargs='?', const='latest', default=None,
+                        help='continue from the latest checkpoint in the output folder, or from the given folder')
+    parser.add_argument('overrides', nargs='*', help='config overrides, e.g. train.epochs=5 data.path=/data/mnist')
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    config = load_config(args.config, args.overrides)
+    out = Path(config['output_dir'] or Path('outputs') / config['name'])
+    train_cfg = config['train']
+    if train_cfg['mixed_precision'] not in ('no', 'bf16'):
+        raise SystemExit(f"error: train.mixed_precision={train_cfg['mixed_precision']!r} is not supported; use 'no' "
+                         f"or 'bf16' (fp16 needs a loss scaler that lean mode's per-block backward cannot apply)")
+    if train_cfg['mode'] not in ('fused', 'lean'):
+        raise SystemExit(f"error: train.mode={train_cfg['mode']!r}; choose 'fused' or 'lean'")
+
+    accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=train_cfg['mixed_precision'],
+                              log_with=[JsonlTracker(out / 'log.jsonl')] + (['tensorboard'] if _has_tensorboard()
+                                                                           else []),
+                              project_dir=str(out))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    set_seed(train_cfg['seed'])
+    with accelerator.main_process_first():
+        train, val, test = load_data(config)
+    model = build_model(config, train.num_classes)
+    if train_cfg['channels_last']:
+        model = model.to(memory_format=torch.channels_last)
+    engine = LocalLearner(model, train_cfg['mode'])
+    fused_adamw = accelerator.device.type == 'cuda'
+    optimizer = torch.optim.AdamW(param_groups(model, train_cfg['lr'], train_cfg['weight_decay']), fused=fused_adamw)
+    world = accelerator.num_processes
+    steps_per_epoch = num_batches(len(train), train_cfg['batch_size'], world)
+    total_steps = steps_per_epoch * train_cfg['epochs']
+    if train_cfg['max_steps']:
+        total_steps = min(total_steps, train_cfg['max_steps'])
+    # Stepped by us once per optimizer step (a prepared scheduler would step once per process).
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1),
+                                                           eta_min=train_cfg['min_lr'])
+    # Lean mode runs its backward inside forward, where DDP cannot sync: keep it unwrapped and all-reduce by hand.
+    lean_multi = train_cfg['mode'] == 'lean' and world > 1
+    if lean_multi:
+        engine = accelerator.prepare_model(engine, evaluation_mode=True)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    else:
+        engine, optimizer = accelerator.prepare(engine, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+
+    if args.resume:
+        ckpt = latest_checkpoint(out) if args.resume == 'latest' else Path(args.resume)
+        if ckpt is None or not ckpt.is_dir():
+            raise SystemExit(f'error: --resume found no checkpoint in {out / "checkpoints"}; train without --resume')
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f'resumed from {ckpt}: epoch {state.epoch + 1}, batch {state.batch}, step {state.step}')
+    accelerator.init_trackers(config['name'], config=_flatten(config))
+
+    device = accelerator.device
+    train_dev, val_dev, test_dev = train.to(device), val.to(device), test.to(device)
+    data_cfg = config['data']
+    augment = dict(crop_padding=data_cfg['crop_padding'], hflip=data_cfg['hflip'],
+                   color_jitter=data_cfg['color_jitter'], grayscale_p=data_cfg['grayscale_p'])
+    augment_gen = torch.Generator(device=device)
+    num_blocks = len(model.stages)
+    last_ckpt = str(latest_checkpoint(out) or '')
+    accelerator.print(
+        f"training {config['model']['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{num_blocks} blocks) on {len(train)} images ({len(val)} validation, {len(test)} test), "
+        f"{accelerator.num_processes} process(es) on {device}, {train_cfg['mode']} mode")
+
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc='train', dynamic_ncols=True)
+    start = time.perf_counter() - state.train_time
+    stop = state.step >= total_steps
+    while state.epoch < train_cfg['epochs'] and not stop:
+        engine.train()
+        correct_sum = torch.zeros(num_blocks + 1, device=device, dtype=torch.long)
+        seen, window, window_start = 0, [], state.step
+        for batch, images, labels in epoch_batches(train_dev, train_cfg['batch_size'], state.epoch,
+                                                   train_cfg['seed'], accelerator.process_index, world,
+                                                   start=state.batch):
+            augment_gen.manual_seed(train_cfg['seed'] * 1_000_003 + state.epoch * 10_007 + batch
+                                    + accelerator.process_index * 7_919_111)
+            images = augment_batch(to_model_input(images), augment_gen, **augment)
+            if train_cfg['channels_last']:
+                images = images.contiguous(memory_format=torch.channels_last)
+            outputs = engine(images, labels)
+            if train_cfg['mode'] == 'fused':
+                accelerator.backward(outputs['loss'])
+            elif lean_multi:
+                all_reduce_gradients(engine)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            correct_sum += outputs['correct']
+            seen += labels.shape[0]
+            window.append(torch.cat([outputs['block_losses'], outputs['fusion_loss'][None]]).float())
+            state.step += 1
+            state.batch = batch + 1
+            progress.update(1)
+            if state.step % train_cfg['log_every'] == 0:
+                check_finite(accelerator, window, window_start, last_ckpt)
+                losses = torch.stack(window).mean(0).tolist()
+                window, window_start = [], state.step
+                accelerator.log({'train/loss_block_last': losses[-2], 'train/loss_fusion': losses[-1],
+                                 'lr': scheduler.get_last_lr()[0]}, step=state.step)
+                progress.set_postfix(epoch=state.epoch + 1, loss=f'{losses[-1]:.3f}')
+            if train_cfg['checkpoint_every'] and state.step % train_cfg['checkpoint_every'] == 0:
+                check_finite(accelerator, window, window_start, last_ckpt)
+                state.train_time = time.perf_counter() - start
+                last_ckpt = save_checkpoint(accelerator, out, state, train_cfg['keep_checkpoints'])
+            if state.step >= total_steps:
+                stop = True
+                break
+        check_finite(accelerator, window, window_start, last_ckpt)
+
+        # End of epoch (or of the step budget): per-block accuracy, best model, checkpoint, plot.
+        train_acc = (accelerator.reduce(correct_sum, 'sum').double()
+                     / max(accelerator.reduce(torch.tensor(seen, device=device), 'sum').item(), 1))
+        val_acc = evaluate_split(accelerator, model, val_dev, train_cfg['eval_batch_size'])
+        metric = _strategy_metric(val_acc, config['model']['prediction'])
+        record = {'epoch': state.epoch, 'step': state.step, 'train_block_acc': train_acc[:-1].tolist(),
+                  'train_fusion_acc': train_acc[-1].item(), 'val_block_acc': val_acc[:-1].tolist(),
+                  'val_fusion_acc': val_acc[-1].item(), 'time_s': time.perf_counter() - start}
+        state.history.append(record)
+        accelerator.log({f'val/block{b + 1}': a for b, a in enumerate(record['val_block_acc'])}
+                        | {'val/fusion': record['val_fusion_acc'], 'epoch': state.epoch + 1}, step=state.step)
+        accelerator.print(
+            f"epoch {state.epoch + 1}: val acc per block "
+            f"{' '.join(f'{100 * a:.1f}' for a in record['val_block_acc'])} | fusion "
+            f"{100 * record['val_fusion_acc']:.2f}% | train fusion {100 * record['train_fusion_acc']:.2f}%")
+        if metric > state.best_metric:
+            state.best_metric, state.best_epoch = metric, state.epoch
+            if accelerator.is_main_process:
+                save_pretrained(accelerator.unwrap_model(engine).model, out / 'best', label_names=train.label_names)
+        if accelerator.is_main_process:
+            plot_history(state.history, out / 'block_accuracy.png', num_blocks)
+        if stop and state.batch < steps_per_epoch:
+            state.train_time = time.perf_counter() - start
+        else:
+            state.epoch, state.batch = state.epoch + 1, 0
+            state.train_time = time.perf_counter() - start
+        last_ckpt = save_checkpoint(accelerator, out, state, train_cfg['keep_checkpoints'])
+    progress.close()
+    accelerator.wait_for_everyone()
+    results = finish(accelerator, config, args, out, model, state, train, val_dev, test_dev)
+    accelerator.end_training()
+    return results
+
+
+def _flatten(config: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+    """``{'train': {'lr': 1}}`` -> ``{'train.lr': 1}`` with lists as strings (what TensorBoard hparams accept)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
+def _strategy_metric(val_acc: torch.Tensor, prediction: str) -> float:
+    if prediction == 'fusion':
+        return val_acc[-1].item()
+    if prediction == 'last':
+        return val_acc[-2].item()
+    return val_acc[:-1].max().item()
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def finish(accelerator, config, args, out: Path, model, state: TrainState, train: ImageData, val: ImageData,
+           test: ImageData) -> Dict[str, Any]:
+    """Reload the best-validation weights, choose `best`, test every strategy, write results and the export."""
+    train_cfg = config['train']
+    best_weights = load_file(str(out / 'best' / 'model.safetensors'), device=str(accelerator.device))
+    model.load_state_dict(best_weights)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def val_batches():
+        return ((to_model_input(images), labels) for _, images, labels in
+                epoch_batches(val, train_cfg['eval_batch_size'], rank=rank, world_size=world, shuffle=False))
+
+    with accelerator.autocast():
+        correct, total = evaluate(model, val_batches())
+    val_acc = accelerator.reduce(correct, 'sum').double() / accelerator.reduce(total, 'sum')
+    best_block = max(range(len(model.stages)), key=lambda b: (val_acc[b].item(), -b))
+    model.set_prediction(model.prediction, best_block=best_block)
+    test_acc = evaluate_split(accelerator, model, test, train_cfg['eval_batch_size'])
+    accuracy = {'fusion': test_acc[-1].item(), 'last': test_acc[-2].item(), 'best': test_acc[best_block].item()}
+    input_size = (config['data']['channels'], config['data']['img_size'], config['data']['img_size'])
+    costs = strategy_costs(model, input_size)
+    model.set_prediction(config['model']['prediction'])
+    # Ranks must agree bit for bit: a cheap end-of-run proof that gradients were synchronised.
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()[None]
+    checksums = accelerator.gather(checksum).tolist()
+    data_cfg = config['data']
+    results = {
+        'model': config['model']['name'],
+        'dataset': {'name': config['name'], 'hub_id': None if data_cfg['path'] or data_cfg['source'] == 'digits'
+                    else data_cfg['source'], 'path': data_cfg['path'], 'num_classes': train.num_classes,
+                    'label_names': train.label_names,
+                    'splits': {'train': len(train), 'validation': len(val), 'test': len(test)}},
+        'recipe': config,
+        'config_file': args.config,
+        'command': ' '.join(['accelerate launch recipes/train.py'] + args.argv),
+        'commit': git_commit(),
+        'hardware': describe_hardware(accelerator),
+        'num_processes': world,
+        'rank_weight_checksums': checksums,
+        'epochs': state.epoch + (1 if state.batch else 0),
+        'steps': state.step,
+        'train_time_s': round(state.train_time, 2),
+        'best_epoch': state.best_epoch + 1,
+        'best_block': best_block,
+        'prediction': config['model']['prediction'],
+        'val_accuracy': {'blocks': val_acc[:-1].tolist(), 'fusion': val_acc[-1].item()},
+        'test_accuracy': accuracy,
+        'test_block_accuracy': test_acc[:-1].tolist(),
+        'strategies': {name: {'test_accuracy': accuracy[name], **costs[name]} for name in costs},
+    }
+    if accelerator.is_main_process:
+        save_pretrained(model, out / 'export', label_names=train.label_names)
+        write_json(out / 'results.json', results)
+        accelerator.print(
+            'test accuracy: ' + ', '.join(f'{k} {100 * v:.2f}%' for k, v in accuracy.items())
+            + f' (best = block {best_block + 1}); results in {out / "results.json"}, model in {out / "export"}')
+    accelerator.wait_for_everyone()
+    return results
+
+
+if __name__ == '__main__':
+    main()

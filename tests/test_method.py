@@ -1,0 +1,203 @@
+"""The ASGE method itself: locality of the gradients, lean == fused, fixed projections, goodness sizes, `best`."""
+import pytest
+import torch
+import torch.nn.functional as F
+import timm
+from safetensors.torch import load_file, save_file
+
+from timm_asge import LocalLearner, param_groups
+from timm_asge.goodness import grid_size, spatial_goodness, rms_norm, rms_pool2d
+
+
+def _tiny(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model('asge_cnn_tiny', **kwargs)
+
+
+def _batch(n=8, chans=1, size=16, num_classes=10):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, chans, size, size, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_no_gradient_crosses_a_block_boundary():
+    """(a) Changing block k+1's loss leaves block k's gradient unchanged."""
+    model = _tiny(drop_rate=0.0)
+    images, labels = _batch()
+
+    # Recompute the local losses by hand to weight block 2's loss differently.
+    def weighted_backward(weight):
+        model.zero_grad()
+        x = model.stem(images)
+        losses = []
+        for block in model.stages:
+            y = block.features(x.detach())
+            losses.append(F.cross_entropy(block.scores(y), labels))
+            with torch.no_grad():
+                x = block.transition(y)
+        (losses[0] + losses[1] + weight * losses[2] + losses[3]).backward()
+        return _grads(model)
+
+    base = weighted_backward(1.0)
+    changed = weighted_backward(7.0)
+    for name in base:
+        if name.startswith(('stages.0.', 'stages.1.', 'stages.3.')):
+            torch.testing.assert_close(base[name], changed[name], rtol=0, atol=0)
+    assert not torch.allclose(base['stages.2.conv.weight'], changed['stages.2.conv.weight'])
+
+
+def test_engine_gradients_are_each_blocks_own():
+    """Every conv's gradient from the engine's total loss (fusion included) is that of its own block's loss alone."""
+    model = _tiny(drop_rate=0.0)
+    images, labels = _batch()
+    model.zero_grad()
+    LocalLearner(model)(images, labels)['loss'].backward()
+    full = _grads(model)
+    assert full['head.fc.weight'].abs().sum() > 0
+    x = model.stem(images)
+    for i, block in enumerate(model.stages):
+        model.zero_grad()
+        y = block.features(x.detach())
+        F.cross_entropy(block.scores(y), labels).backward()
+        torch.testing.assert_close(full[f'stages.{i}.conv.weight'], block.conv.weight.grad)
+        torch.testing.assert_close(full[f'stages.{i}.conv.bias'], block.conv.bias.grad)
+        x = block.transition(y)
+
+
+@pytest.mark.parametrize('drop_rate', [0.0, 0.1])
+def test_lean_and_fused_give_the_same_gradients(drop_rate):
+    """(b) Per-block backward inside forward equals one backward of the summed losses."""
+    images, labels = _batch(16)
+    model = _tiny(drop_rate=drop_rate)
+    fused, lean = LocalLearner(model, 'fused'), LocalLearner(model, 'lean')
+
+    torch.manual_seed(123)
+    out_fused = fused(images, labels)
+    out_fused['loss'].backward()
+    grads_fused = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(123)
+    out_lean = lean(images, labels)
+    assert not out_lean['loss'].requires_grad
+    grads_lean = _grads(model)
+
+    assert grads_fused.keys() == grads_lean.keys() == {n for n, _ in model.named_parameters()}
+    for name in grads_fused:
+        torch.testing.assert_close(grads_lean[name], grads_fused[name], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out_lean['block_losses'], out_fused['block_losses'])
+    assert torch.equal(out_lean['correct'], out_fused['correct'])
+
+
+def test_projections_fixed_in_training_and_saved(tmp_path):
+    """(c) R and b never change in training and survive a save/load."""
+    model = _tiny()
+    projections = {n: b.clone() for n, b in model.named_buffers() if '.proj.' in n}
+    assert len(projections) == 2 * len(model.stages)
+    assert all(not p.requires_grad for p in model.buffers())
+    engine = LocalLearner(model)
+    optimizer = torch.optim.AdamW(param_groups(model, 1e-2, 1e-2))
+    images, labels = _batch(32)
+    conv_before = model.stages[0].conv.weight.clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        engine(images, labels)['loss'].backward()
+        optimizer.step()
+    assert not torch.equal(conv_before, model.stages[0].conv.weight)
+    for name, buffer in model.named_buffers():
+        if name in projections:
+            assert torch.equal(buffer, projections[name]), name
+
+    path = tmp_path / 'model.safetensors'
+    save_file(model.state_dict(), path)
+    assert projections.keys() <= load_file(path).keys()
+    other = timm.create_model('asge_cnn_tiny', projection_seed=5)
+    assert not torch.equal(other.stages[0].proj.weight, projections['stages.0.proj.weight'])
+    other.load_state_dict(load_file(path))
+    for name, buffer in other.named_buffers():
+        if name in projections:
+            assert torch.equal(buffer, projections[name])
+    # Same seed -> same projections in a fresh process or rank, so DDP ranks agree without a broadcast.
+    assert torch.equal(timm.create_model('asge_cnn_tiny').stages[2].proj.weight, projections['stages.2.proj.weight'])
+
+
+@pytest.mark.parametrize('channels,grid', [(64, 8), (128, 4), (256, 2), (512, 1)])
+def test_goodness_length(channels, grid):
+    """(d) The goodness vector has C_l * P_l**2 entries (authors' C_L = 512)."""
+    assert grid_size(channels, 512) == grid
+    y = torch.rand(2, channels, 32, 32)
+    g = spatial_goodness(y, grid)
+    assert g.shape == (2, channels * grid ** 2)
+    # Each entry is the mean of y**2 over its cell, channel-major.
+    cell = 32 // grid
+    torch.testing.assert_close(g[:, 0], y[:, 0, :cell, :cell].square().mean(dim=(-1, -2)))
+    torch.testing.assert_close(g[:, grid ** 2], y[:, 1, :cell, :cell].square().mean(dim=(-1, -2)))
+    model = timm.create_model('asge_vgg11_w64')
+    assert [b.proj.in_features for b in model.stages][:4] == [64 * 64, 128 * 16, 256 * 4, 256 * 4]
+
+
+def test_grid_rounding_and_alpha():
+    assert grid_size(96, 512) == 5
+    assert grid_size(1024, 512) == 1
+    assert grid_size(128, 512, alpha=0.5) == 2
+
+
+def test_rms_helpers():
+    x = torch.randn(3, 4, 8, 8) * 5
+    normed = rms_norm(x)
+    torch.testing.assert_close(normed.square().mean(dim=(1, 2, 3)), torch.ones(3), rtol=1e-4, atol=1e-4)
+    y = torch.rand(1, 1, 2, 2)
+    torch.testing.assert_close(rms_pool2d(y).flatten(), y.square().mean().sqrt().reshape(1), rtol=1e-5, atol=1e-5)
+
+
+def test_best_runs_only_k_blocks():
+    """(e) `best` at block k runs blocks 0..k and no later block."""
+    model = _tiny().eval()
+    calls = []
+    for i, block in enumerate(model.stages):
+        block.conv.register_forward_hook(lambda m, inp, out, i=i: calls.append(i))
+    x = torch.rand(2, 1, 16, 16)
+    model.set_prediction('best', best_block=1)
+    logits = model(x)
+    assert calls == [0, 1]
+    y = model.stages[1].features(model.stages[0](model.stem(x)))
+    torch.testing.assert_close(logits, model.stages[1].scores(y))
+    calls.clear()
+    model.set_prediction('last')
+    model(x)
+    assert calls == [0, 1, 2, 3]
+
+
+def test_best_is_stored_in_config_and_checkpoint():
+    model = _tiny()
+    model.set_prediction('best', best_block=2)
+    assert model.architecture_args()['best_block'] == 2
+    restored = timm.create_model('asge_cnn_tiny', **{k: v for k, v in model.architecture_args().items()
+                                                    if k not in ('best_block', 'prediction')})
+    assert restored.best_index is None
+    restored.load_state_dict(model.state_dict())
+    assert restored.best_index == 2
+    restored.set_prediction('best')
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(restored.eval()(x), model.eval()(x))
+
+
+def test_inference_path_is_differentiable():
+    """`model(x)` is plain autograd: every parameter of the default strategy gets a gradient."""
+    for prediction in ('fusion', 'last'):
+        model = _tiny(prediction=prediction)
+        model(torch.rand(2, 1, 16, 16)).sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None and not n.startswith('head.')]
+        assert not missing, missing
+        if prediction == 'fusion':
+            assert all(p.grad is not None for p in model.parameters())
+
+
+def test_torch_compile_and_export():
+    model = _tiny().eval()
+    x = torch.rand(2, 1, 16, 16)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
