@@ -479,8 +479,7 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, train
            test: ImageData) -> Dict[str, Any]:
     """Reload the best-validation weights, choose `best`, test every strategy, write results and the export."""
     train_cfg = config['train']
-    best_weights = load_file(str(out / 'best' / 'model.safetensors'), device=str(accelerator.device))
-    model.load_state_dict(best_weights)
+    model.load_state_dict(load_file(str(out / 'best' / 'model.safetensors')))
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def val_batches():

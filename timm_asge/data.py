@@ -24,10 +24,12 @@ from .fileio import atomic_path
 
 __all__ = [
     'ImageData', 'load_dataset_split', 'find_columns', 'decode_images', 'load_tensors', 'split_train_val',
-    'epoch_batches', 'augment_batch', 'to_model_input', 'DEFAULT_CACHE',
+    'epoch_batches', 'augment_batch', 'to_model_input', 'default_cache_dir',
 ]
 
-DEFAULT_CACHE = Path(os.environ.get('TIMM_ASGE_CACHE', Path.home() / '.cache' / 'timm_asge'))
+def default_cache_dir() -> Path:
+    """Where decoded tensors are cached: ``$TIMM_ASGE_CACHE``, else ``~/.cache/timm_asge``."""
+    return Path(os.environ.get('TIMM_ASGE_CACHE', Path.home() / '.cache' / 'timm_asge'))
 # Label columns tried in order when a dataset has several ClassLabel features (CIFAR-100: fine before coarse).
 _LABEL_PREFERENCE = ('label', 'fine_label', 'labels', 'target')
 
@@ -172,7 +174,7 @@ def load_tensors(
         images = _resize_uint8(images.expand(-1, channels, -1, -1), img_size)
         return _checked(ImageData(images, labels, names), source)
 
-    cache_dir = Path(cache_dir or DEFAULT_CACHE)
+    cache_dir = Path(cache_dir or default_cache_dir())
     key = json.dumps([str(Path(source).expanduser().resolve()) if Path(source).exists() else source, split, img_size,
                       channels, image_column, label_column])
     cache_file = cache_dir / f'{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors'

@@ -1,0 +1,22 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get('TIMM_ASGE_SHARED_DATA', ROOT.parent / 'shared' / 'data'))
+sys.path.insert(0, str(ROOT / 'recipes'))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Decoded-tensor cache per test session, so tests never read a user's cache or each other's partial files."""
+    monkeypatch.setenv('TIMM_ASGE_CACHE', str(tmp_path_factory.getbasetemp() / 'tensor-cache'))
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f'offline dataset {path} is absent (needs ../shared/data)')
+    return path

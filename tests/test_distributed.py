@@ -1,0 +1,55 @@
+"""Two gloo processes (accelerate's debug launcher): ranks cover every sample once per epoch and stay in sync."""
+import pytest
+import torch
+import timm
+from accelerate import Accelerator, debug_launcher
+from accelerate.state import AcceleratorState, PartialState
+
+from timm_asge import LocalLearner, param_groups
+from timm_asge.data import ImageData, epoch_batches, to_model_input
+from timm_asge.engine import all_reduce_gradients
+
+NUM_SAMPLES, BATCH = 200, 16
+
+
+def _train_two_epochs(mode: str):
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    assert world == 2
+    torch.manual_seed(0)
+    model = timm.create_model('asge_cnn_tiny', drop_rate=0.0)
+    # Each image carries its sample id in two pixels, so the ranks can report exactly what they trained on.
+    ids = torch.arange(NUM_SAMPLES)
+    images = torch.rand(NUM_SAMPLES, 1, 16, 16, generator=torch.Generator().manual_seed(1)).mul(200).to(torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = (ids // 256).to(torch.uint8), (ids % 256).to(torch.uint8)
+    data = ImageData(images, ids % 10, [str(i) for i in range(10)])
+    engine = LocalLearner(model, mode)
+    optimizer = torch.optim.AdamW(param_groups(model, 1e-2))
+    if mode == 'lean':
+        engine, optimizer = accelerator.prepare_model(engine, evaluation_mode=True), accelerator.prepare(optimizer)
+    else:
+        engine, optimizer = accelerator.prepare(engine, optimizer)
+    for epoch in range(2):
+        seen = []
+        for _, batch_images, labels in epoch_batches(data, BATCH, epoch, seed=3, rank=rank, world_size=world):
+            seen.append(batch_images[:, 0, 0, 0].long() * 256 + batch_images[:, 0, 0, 1].long())
+            out = engine(to_model_input(batch_images), labels)
+            if mode == 'fused':
+                accelerator.backward(out['loss'])
+            else:
+                all_reduce_gradients(engine)
+            optimizer.step()
+            optimizer.zero_grad()
+        everyone = accelerator.gather(torch.cat(seen))
+        assert sorted(everyone.tolist()) == list(range(NUM_SAMPLES)), f'epoch {epoch} did not cover each sample once'
+    flat = torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(engine).parameters()])
+    gathered = accelerator.gather(flat[None])
+    assert torch.equal(gathered[0], gathered[1]), 'ranks diverged'
+    assert not torch.equal(flat, torch.cat([p.flatten() for p in timm.create_model('asge_cnn_tiny').parameters()]))
+
+
+@pytest.mark.parametrize('mode', ['fused', 'lean'])
+def test_two_gloo_ranks_cover_the_epoch_once_and_stay_identical(mode):
+    debug_launcher(lambda: _train_two_epochs(mode), num_processes=2)
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()

@@ -1,0 +1,55 @@
+"""Every mistake a user can make with a model or the engine stops with a message naming the problem."""
+import pytest
+import torch
+import timm
+
+from timm_asge import LocalLearner
+
+
+def test_wrong_channel_count():
+    model = timm.create_model('asge_cnn', in_chans=1)
+    with pytest.raises(ValueError, match=r'1-channel images but got 3 channels.*in_chans=3'):
+        model(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match='1-channel images but got 3'):
+        LocalLearner(model)(torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+
+
+def test_image_too_small_for_the_depth():
+    model = timm.create_model('asge_cnn')
+    assert model.min_input_size == 16
+    with pytest.raises(ValueError, match=r'too small.*4 down-sampling steps.*at least 16x16'):
+        model(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match='too small'):
+        timm.create_model('asge_cnn', features_only=False).forward_intermediates(torch.rand(1, 3, 12, 12))
+    assert model(torch.rand(1, 3, 16, 16)).shape == (1, 10)
+
+
+def test_labels_out_of_range():
+    model = timm.create_model('asge_cnn_tiny', num_classes=5)
+    engine = LocalLearner(model)
+    with pytest.raises(ValueError, match=r'labels \[7\] lie outside \[0, 5\)'):
+        engine(torch.rand(3, 1, 16, 16), torch.tensor([0, 7, 1]))
+    with pytest.raises(ValueError, match=r'labels \[-1\] lie outside'):
+        engine(torch.rand(2, 1, 16, 16), torch.tensor([-1, 1]))
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match=r"unknown pool_type 'max'; choose one of 'rms', 'avg'"):
+        timm.create_model('asge_cnn_tiny', pool_type='max')
+    with pytest.raises(ValueError, match=r"unknown prediction strategy 'mean'; choose one of 'fusion', 'last', 'best'"):
+        timm.create_model('asge_cnn_tiny', prediction='mean')
+    with pytest.raises(ValueError, match="unknown engine mode 'fast'"):
+        LocalLearner(timm.create_model('asge_cnn_tiny'), mode='fast')
+    with pytest.raises(ValueError, match='downsample has 2 entries but widths has 3'):
+        timm.create_model('asge_cnn_tiny', widths=[8, 8, 8], downsample=[True, False])
+    with pytest.raises(ValueError, match='best_block=9 is not a block index'):
+        timm.create_model('asge_cnn_tiny').set_prediction('best', best_block=9)
+
+
+def test_best_before_a_block_was_chosen():
+    model = timm.create_model('asge_cnn_tiny')
+    with pytest.raises(ValueError, match=r"'best' needs a chosen block.*choose_best_block"):
+        model.set_prediction('best')
+    with pytest.raises(ValueError, match="'best' needs a chosen block"):
+        timm.create_model('asge_cnn_tiny', prediction='best')
+    assert model.prediction == 'fusion'  # a refused switch leaves the model as it was

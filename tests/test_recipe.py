@@ -1,0 +1,182 @@
+"""The training recipe end to end: the README's main job, config errors, NaN stop, kill + resume, 2 processes."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import timm
+from safetensors.torch import load_file
+
+import train as recipe
+from conftest import ROOT, shared_dataset
+from timm_asge.data import load_tensors, to_model_input
+
+DIGITS = str(ROOT / 'recipes' / 'configs' / 'digits.yaml')
+
+
+def run_recipe(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / 'recipes' / 'train.py'), *args], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, **(env or {})}, **kwargs)
+
+
+def test_digits_main_job(tmp_path):
+    """The README's main job: >= 95% test accuracy, results.json, plot, and a Hub export that reproduces it."""
+    results = recipe.main(['--config', DIGITS, f'output_dir={tmp_path}'])
+    assert results['test_accuracy'][results['prediction']] >= 0.95, results['test_accuracy']
+    on_disk = json.loads((tmp_path / 'results.json').read_text())
+    assert on_disk['test_accuracy'] == results['test_accuracy']
+    assert set(on_disk['strategies']) == {'fusion', 'last', 'best'}
+    assert on_disk['strategies']['best']['blocks_run'] == on_disk['best_block'] + 1
+    assert (tmp_path / 'block_accuracy.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    history = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert any('val/fusion' in h for h in history)
+
+    model = timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True).eval()
+    assert model.prediction == 'fusion' and model.best_index == results['best_block']
+    test = load_tensors('digits', 'test', 16, 1)
+    for strategy in ('fusion', 'last', 'best'):
+        model.set_prediction(strategy)
+        with torch.no_grad():
+            accuracy = (model(to_model_input(test.images)).argmax(1) == test.labels).double().mean().item()
+        assert accuracy == pytest.approx(results['test_accuracy'][strategy], abs=1e-9), strategy
+
+
+@pytest.mark.parametrize('override,message', [
+    ('train.epoch=3', "unknown config key 'train.epoch'.*did you mean 'train.epochs'"),
+    ('modle.name=asge_cnn', "unknown config key 'modle'.*did you mean 'model'"),
+    ('data.img_size=3', r'data.img_size=3 is too small for asge_cnn_tiny.*at least 4x4'),
+    ('model.args.pool_type=max', "unknown pool_type 'max'"),
+    ('train.mixed_precision=fp16', "mixed_precision='fp16' is not supported"),
+])
+def test_config_errors_stop_at_once(tmp_path, override, message):
+    with pytest.raises(SystemExit, match=message):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', override])
+    if override == 'data.img_size=3':
+        # VGG8 needs 16x16 for its four down-sampling steps.
+        with pytest.raises(SystemExit, match='data.img_size=8 is too small for asge_cnn.*at least 16x16'):
+            recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'model.name=asge_cnn', 'data.img_size=8'])
+
+
+def test_dataset_errors(tmp_path):
+    import datasets
+    import numpy as np
+
+    images = [np.full((8, 8), i, dtype=np.uint8) for i in range(20)]
+    ds = datasets.Dataset.from_dict({'picture': images, 'digit': [i % 3 for i in range(20)]},
+                                    features=datasets.Features({'picture': datasets.Image(),
+                                                                'digit': datasets.Value('int64')}))
+    folder = tmp_path / 'toy'
+    for split in ('train', 'test'):
+        ds.to_parquet(str(folder / f'{split}-00000-of-00001.parquet'))
+    with pytest.raises(SystemExit, match=r"no ClassLabel column \(columns: \['picture', 'digit'\]\); set "
+                                         r"data.label_column"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}'])
+    with pytest.raises(SystemExit, match=r"no label column 'label'.*columns: \['picture', 'digit'\]"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}', 'data.label_column=label'])
+    with pytest.raises(SystemExit, match="has no split 'validation'"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}',
+                     'data.label_column=digit', 'data.test_split=validation'])
+    with pytest.raises(SystemExit, match="folder './does/not/exist' does not exist"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', 'data.path=./does/not/exist'])
+
+
+def test_unreachable_hub_id_says_how_to_pass_a_local_path(tmp_path):
+    proc = run_recipe('--config', DIGITS, f'output_dir={tmp_path}', 'data.source=ylecun/mnist',
+                      env={'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')},
+                      timeout=300)
+    assert proc.returncode != 0
+    assert "could not load dataset 'ylecun/mnist'" in proc.stderr
+    assert 'data.path=/path/to/folder' in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    forward = recipe.LocalLearner.forward
+    calls = {'n': 0}
+
+    def poisoned(self, images, labels):
+        out = forward(self, images, labels)
+        calls['n'] += 1
+        if calls['n'] == 13:
+            out['block_losses'] = out['block_losses'].clone()
+            out['block_losses'][2] = float('nan')
+        return out
+
+    monkeypatch.setattr(recipe.LocalLearner, 'forward', poisoned)
+    with pytest.raises(SystemExit, match=r'non-finite loss in block 2 at step 13.*last good checkpoint is .*step_00000010'):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'train.checkpoint_every=5', 'train.log_every=5',
+                     'train.epochs=2'])
+    checkpoints = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+    assert checkpoints == ['step_00000005', 'step_00000010']
+    weights = load_file(str(tmp_path / 'checkpoints' / 'step_00000010' / 'model.safetensors'))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    args = ['--config', DIGITS, 'train.epochs=3', 'train.checkpoint_every=7', 'train.keep_checkpoints=100']
+    full = run_recipe(*args, f'output_dir={tmp_path / "full"}', timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    out = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'recipes' / 'train.py'), *args, f'output_dir={out}'],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((out / 'checkpoints').glob('step_*')) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / 'results.json').exists(), 'the run finished before it could be killed'
+    resumed = run_recipe(*args, f'output_dir={out}', '--resume', timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'resumed from' in resumed.stdout + resumed.stderr
+
+    for name in ('export/model.safetensors', 'checkpoints/step_00000063/model.safetensors'):
+        a, b = load_file(str(tmp_path / 'full' / name)), load_file(str(out / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    full_results = json.loads((tmp_path / 'full' / 'results.json').read_text())
+    resumed_results = json.loads((out / 'results.json').read_text())
+    assert full_results['test_accuracy'] == resumed_results['test_accuracy']
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('mode', ['fused', 'lean'])
+def test_two_cpu_processes_train_in_sync(tmp_path, mode):
+    """`accelerate launch` with 2 gloo processes: the ranks end with identical weights."""
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--main_process_port', str(_free_port()), str(ROOT / 'recipes' / 'train.py'), '--config', DIGITS,
+           f'output_dir={tmp_path}', 'train.epochs=1', f'train.mode={mode}']
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=600,
+                          env={**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['num_processes'] == 2
+    checksums = results['rank_weight_checksums']
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    # One epoch of 1,294 images over 2 ranks at batch 64: 647 per rank, 11 steps each.
+    assert results['steps'] == 11
+
+
+@pytest.mark.shared_data
+def test_fashion_mnist_config_improves_on_the_cpu(tmp_path):
+    path = shared_dataset('fashion_mnist')
+    results = recipe.main([
+        '--config', str(ROOT / 'recipes' / 'configs' / 'fashion_mnist.yaml'), f'output_dir={tmp_path}',
+        f'data.path={path}', 'train.cpu=true', 'train.max_steps=150', 'train.batch_size=64', 'train.lr=2e-3',
+        'model.args.widths=[16, 32, 32, 64, 64, 64, 64]', 'train.eval_batch_size=2000', 'train.log_every=50'])
+    assert results['dataset']['splits'] == {'train': 50000, 'validation': 10000, 'test': 10000}
+    val = results['val_accuracy']
+    # An untrained network is at chance (10%); 150 local-learning steps must take validation far above it.
+    assert val['fusion'] > 0.6 and max(val['blocks']) > 0.6, val
+    assert results['test_accuracy']['fusion'] > 0.6
