@@ -14,7 +14,6 @@ import argparse
 import copy
 import difflib
 import json
-import math
 import os
 import platform
 import shutil
@@ -22,22 +21,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import timm
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-import timm_asge
+import timm_asge  # noqa: F401  (registers the asge_* models)
 from timm_asge.costs import strategy_costs
-from timm_asge.data import ImageData, augment_batch, epoch_batches, load_tensors, num_batches, split_train_val
-from timm_asge.data import to_model_input
-from timm_asge.engine import LocalLearner, all_reduce_gradients, choose_best_block, evaluate, param_groups
+from timm_asge.data import augment_batch, epoch_batches, find_columns, image_loader, load_dataset_split
+from timm_asge.data import load_tensors, num_batches, split_train_val, to_model_input
+from timm_asge.engine import LocalLearner, all_reduce_gradients, evaluate, param_groups, pick_best_block
 from timm_asge.fileio import atomic_path
 from timm_asge.hub import save_pretrained
 
@@ -64,6 +63,8 @@ DEFAULTS: Dict[str, Any] = {
         'color_jitter': None,  # [brightness, contrast, saturation, hue]
         'grayscale_p': 0.0,
         'cache_dir': None,
+        'in_memory': True,  # decode once to device tensors; false: DataLoader workers decode (ImageNet)
+        'num_workers': 8,  # DataLoader workers when in_memory is false
     },
     'train': {
         'epochs': 100,
@@ -145,6 +146,9 @@ def load_config(path: Optional[str], overrides: List[str]) -> Dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
         _merge(config, nested, where='the command line')
+    # YAML reads a bare `no` as False.
+    if config['train']['mixed_precision'] in (False, None):
+        config['train']['mixed_precision'] = 'no'
     return config
 
 
@@ -158,6 +162,12 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str, prefix: str = 
             if not isinstance(value, dict):
                 raise SystemExit(f"error: config key '{prefix}{key}' in {where} must be a mapping")
             _merge(base[key], value, where, prefix=f'{prefix}{key}.')
+        elif isinstance(base[key], float) and not isinstance(value, bool) and isinstance(value, (str, int)):
+            # YAML 1.1 reads `2e-3` (no dot) as a string.
+            try:
+                base[key] = float(value)
+            except ValueError:
+                raise SystemExit(f"error: config key '{prefix}{key}' in {where} must be a number, got {value!r}")
         else:
             base[key] = value
 
@@ -185,19 +195,96 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def load_data(config: Dict[str, Any]):
-    """Train/validation/test tensors (uint8, on the CPU) and the class names."""
-    data_cfg = config['data']
-    source = data_cfg['path'] or data_cfg['source']
-    load = dict(img_size=data_cfg['img_size'], channels=data_cfg['channels'], image_column=data_cfg['image_column'],
-                label_column=data_cfg['label_column'], cache_dir=data_cfg['cache_dir'])
-    try:
-        full_train = load_tensors(source, data_cfg['train_split'], **load)
-        test = load_tensors(source, data_cfg['test_split'], **load)
-    except ValueError as err:
-        raise SystemExit(f'error: {err}') from err
-    train, val = split_train_val(full_train, data_cfg['val_size'], config['train']['seed'])
-    return train, val, test
+class RecipeData:
+    """The train/validation/test splits and how to iterate them.
+
+    Small benchmarks are decoded once into uint8 tensors kept on the training device, shuffled per epoch with a
+    seeded permutation sharded over processes, and augmented there in batches. With ``data.in_memory: false``
+    (ImageNet) DataLoader workers decode and augment, and accelerate shards the training loader.
+    """
+
+    def __init__(self, config: Dict[str, Any], accelerator: Accelerator):
+        self.data_cfg, self.train_cfg, self.accelerator = config['data'], config['train'], accelerator
+        data_cfg, seed = self.data_cfg, self.train_cfg['seed']
+        source = data_cfg['path'] or data_cfg['source']
+        columns = dict(image_column=data_cfg['image_column'], label_column=data_cfg['label_column'])
+        try:
+            with accelerator.main_process_first():
+                if data_cfg['in_memory']:
+                    load = dict(img_size=data_cfg['img_size'], channels=data_cfg['channels'],
+                                cache_dir=data_cfg['cache_dir'], **columns)
+                    train, self.test = load_tensors(source, data_cfg['train_split'], **load), \
+                        load_tensors(source, data_cfg['test_split'], **load)
+                    self.train, self.val = split_train_val(train, data_cfg['val_size'], seed)
+                    self.label_names = train.label_names
+                    self.train, self.val, self.test = (d.to(accelerator.device) for d in (self.train, self.val, self.test))
+                else:
+                    train = load_dataset_split(source, data_cfg['train_split'])
+                    self.test = load_dataset_split(source, data_cfg['test_split'])
+                    size = data_cfg['val_size'] if data_cfg['val_size'] >= 1 else float(data_cfg['val_size'])
+                    split = train.train_test_split(test_size=size, seed=seed)
+                    self.train, self.val = split['train'], split['test']
+                    label_column = find_columns(train.features, **columns)[1]
+                    self.label_names = list(train.features[label_column].names)
+        except ValueError as err:
+            raise SystemExit(f'error: {err}') from err
+        self.sizes = {'train': len(self.train), 'validation': len(self.val), 'test': len(self.test)}
+        self.augment_gen = torch.Generator(device=accelerator.device)
+        if not data_cfg['in_memory']:
+            self.train_loader = accelerator.prepare(image_loader(
+                self.train, data_cfg['img_size'], data_cfg['channels'], self.train_cfg['batch_size'], train=True,
+                num_workers=data_cfg['num_workers'], **columns))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def steps_per_epoch(self) -> int:
+        if self.data_cfg['in_memory']:
+            return num_batches(self.sizes['train'], self.train_cfg['batch_size'], self.accelerator.num_processes)
+        return len(self.train_loader)
+
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(batch index, float images, labels)`` of one epoch on this process, from batch ``start`` on."""
+        acc, cfg, seed = self.accelerator, self.data_cfg, self.train_cfg['seed']
+        if not cfg['in_memory']:
+            self.train_loader.set_epoch(epoch)
+            loader = acc.skip_first_batches(self.train_loader, start) if start else self.train_loader
+            for index, batch in enumerate(loader, start):
+                yield index, to_model_input(batch['image']), batch['label']
+            return
+        augment = dict(crop_padding=cfg['crop_padding'], hflip=cfg['hflip'], color_jitter=cfg['color_jitter'],
+                       grayscale_p=cfg['grayscale_p'])
+        for index, images, labels in epoch_batches(self.train, self.train_cfg['batch_size'], epoch, seed,
+                                                   acc.process_index, acc.num_processes, start=start):
+            # Seeded per batch: a run resumed mid-epoch draws the same augmentation as an uninterrupted one.
+            self.augment_gen.manual_seed(seed * 1_000_003 + epoch * 10_007 + index + acc.process_index * 7_919_111)
+            yield index, augment_batch(to_model_input(images), self.augment_gen, **augment), labels
+
+    def eval_batches(self, split: str) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(float images, labels)`` of this process's shard of ``'validation'`` or ``'test'`` (no padding)."""
+        acc, cfg = self.accelerator, self.data_cfg
+        data = self.val if split == 'validation' else self.test
+        batch_size = self.train_cfg['eval_batch_size']
+        if cfg['in_memory']:
+            for _, images, labels in epoch_batches(data, batch_size, rank=acc.process_index,
+                                                   world_size=acc.num_processes, shuffle=False):
+                yield to_model_input(images), labels
+            return
+        shard = data.shard(num_shards=acc.num_processes, index=acc.process_index, contiguous=True)
+        loader = image_loader(shard, cfg['img_size'], cfg['channels'], batch_size, train=False,
+                              num_workers=cfg['num_workers'], image_column=cfg['image_column'],
+                              label_column=cfg['label_column'])
+        for batch in loader:
+            yield (to_model_input(batch['image'].to(acc.device, non_blocking=True)),
+                   batch['label'].to(acc.device, non_blocking=True))
+
+
+def evaluate_split(accelerator: Accelerator, model, data: RecipeData, split: str) -> torch.Tensor:
+    """Accuracy of every block and of the fusion read-out on a split (sharded over processes, reduced)."""
+    with accelerator.autocast():
+        correct, total = evaluate(model, data.eval_batches(split))
+    return accelerator.reduce(correct, 'sum').double() / accelerator.reduce(total, 'sum')
 
 
 def build_model(config: Dict[str, Any], num_classes: int):
@@ -214,17 +301,6 @@ def build_model(config: Dict[str, Any], num_classes: int):
             f"{sum(model.downsample)} down-sampling steps and goodness grids {model.grids} need at least "
             f"{model.min_input_size}x{model.min_input_size}; raise data.img_size or choose a shallower model")
     return model
-
-
-def evaluate_split(accelerator: Accelerator, model, data: ImageData, batch_size: int) -> torch.Tensor:
-    """Accuracy of every block and of the fusion read-out on ``data`` (sharded over processes, reduced)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    batches = ((to_model_input(images), labels) for _, images, labels in
-               epoch_batches(data, batch_size, rank=rank, world_size=world, shuffle=False))
-    with accelerator.autocast():
-        correct, total = evaluate(model, batches)
-    correct, total = accelerator.reduce(correct, 'sum'), accelerator.reduce(total, 'sum')
-    return correct.double() / total
 
 
 def check_finite(accelerator: Accelerator, window: List[torch.Tensor], first_step: int, checkpoint: str) -> None:
@@ -317,20 +393,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=train_cfg['mixed_precision'],
                               log_with=[JsonlTracker(out / 'log.jsonl')] + (['tensorboard'] if _has_tensorboard()
                                                                            else []),
-                              project_dir=str(out))
+                              project_dir=str(out),
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     set_seed(train_cfg['seed'])
-    with accelerator.main_process_first():
-        train, val, test = load_data(config)
-    model = build_model(config, train.num_classes)
+    data = RecipeData(config, accelerator)
+    model = build_model(config, data.num_classes)
     if train_cfg['channels_last']:
         model = model.to(memory_format=torch.channels_last)
     engine = LocalLearner(model, train_cfg['mode'])
     fused_adamw = accelerator.device.type == 'cuda'
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg['lr'], train_cfg['weight_decay']), fused=fused_adamw)
     world = accelerator.num_processes
-    steps_per_epoch = num_batches(len(train), train_cfg['batch_size'], world)
+    steps_per_epoch = data.steps_per_epoch()
     total_steps = steps_per_epoch * train_cfg['epochs']
     if train_cfg['max_steps']:
         total_steps = min(total_steps, train_cfg['max_steps'])
@@ -356,17 +432,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     accelerator.init_trackers(config['name'], config=_flatten(config))
 
     device = accelerator.device
-    train_dev, val_dev, test_dev = train.to(device), val.to(device), test.to(device)
-    data_cfg = config['data']
-    augment = dict(crop_padding=data_cfg['crop_padding'], hflip=data_cfg['hflip'],
-                   color_jitter=data_cfg['color_jitter'], grayscale_p=data_cfg['grayscale_p'])
-    augment_gen = torch.Generator(device=device)
     num_blocks = len(model.stages)
     last_ckpt = str(latest_checkpoint(out) or '')
     accelerator.print(
         f"training {config['model']['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{num_blocks} blocks) on {len(train)} images ({len(val)} validation, {len(test)} test), "
-        f"{accelerator.num_processes} process(es) on {device}, {train_cfg['mode']} mode")
+        f"{num_blocks} blocks) on {data.sizes['train']} images ({data.sizes['validation']} validation, "
+        f"{data.sizes['test']} test), {world} process(es) on {device}, {train_cfg['mode']} mode")
 
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc='train', dynamic_ncols=True)
@@ -376,12 +447,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         engine.train()
         correct_sum = torch.zeros(num_blocks + 1, device=device, dtype=torch.long)
         seen, window, window_start = 0, [], state.step
-        for batch, images, labels in epoch_batches(train_dev, train_cfg['batch_size'], state.epoch,
-                                                   train_cfg['seed'], accelerator.process_index, world,
-                                                   start=state.batch):
-            augment_gen.manual_seed(train_cfg['seed'] * 1_000_003 + state.epoch * 10_007 + batch
-                                    + accelerator.process_index * 7_919_111)
-            images = augment_batch(to_model_input(images), augment_gen, **augment)
+        for batch, images, labels in data.train_batches(state.epoch, start=state.batch):
             if train_cfg['channels_last']:
                 images = images.contiguous(memory_format=torch.channels_last)
             outputs = engine(images, labels)
@@ -417,7 +483,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         # End of epoch (or of the step budget): per-block accuracy, best model, checkpoint, plot.
         train_acc = (accelerator.reduce(correct_sum, 'sum').double()
                      / max(accelerator.reduce(torch.tensor(seen, device=device), 'sum').item(), 1))
-        val_acc = evaluate_split(accelerator, model, val_dev, train_cfg['eval_batch_size'])
+        val_acc = evaluate_split(accelerator, model, data, 'validation')
         metric = _strategy_metric(val_acc, config['model']['prediction'])
         record = {'epoch': state.epoch, 'step': state.step, 'train_block_acc': train_acc[:-1].tolist(),
                   'train_fusion_acc': train_acc[-1].item(), 'val_block_acc': val_acc[:-1].tolist(),
@@ -432,7 +498,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if metric > state.best_metric:
             state.best_metric, state.best_epoch = metric, state.epoch
             if accelerator.is_main_process:
-                save_pretrained(accelerator.unwrap_model(engine).model, out / 'best', label_names=train.label_names)
+                save_pretrained(accelerator.unwrap_model(engine).model, out / 'best', label_names=data.label_names)
         if accelerator.is_main_process:
             plot_history(state.history, out / 'block_accuracy.png', num_blocks)
         if stop and state.batch < steps_per_epoch:
@@ -443,7 +509,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         last_ckpt = save_checkpoint(accelerator, out, state, train_cfg['keep_checkpoints'])
     progress.close()
     accelerator.wait_for_everyone()
-    results = finish(accelerator, config, args, out, model, state, train, val_dev, test_dev)
+    results = finish(accelerator, config, args, out, model, state, data)
     accelerator.end_training()
     return results
 
@@ -475,23 +541,13 @@ def _has_tensorboard() -> bool:
         return False
 
 
-def finish(accelerator, config, args, out: Path, model, state: TrainState, train: ImageData, val: ImageData,
-           test: ImageData) -> Dict[str, Any]:
+def finish(accelerator, config, args, out: Path, model, state: TrainState, data: RecipeData) -> Dict[str, Any]:
     """Reload the best-validation weights, choose `best`, test every strategy, write results and the export."""
-    train_cfg = config['train']
     model.load_state_dict(load_file(str(out / 'best' / 'model.safetensors')))
-    rank, world = accelerator.process_index, accelerator.num_processes
-
-    def val_batches():
-        return ((to_model_input(images), labels) for _, images, labels in
-                epoch_batches(val, train_cfg['eval_batch_size'], rank=rank, world_size=world, shuffle=False))
-
-    with accelerator.autocast():
-        correct, total = evaluate(model, val_batches())
-    val_acc = accelerator.reduce(correct, 'sum').double() / accelerator.reduce(total, 'sum')
-    best_block = max(range(len(model.stages)), key=lambda b: (val_acc[b].item(), -b))
+    val_acc = evaluate_split(accelerator, model, data, 'validation')
+    best_block = pick_best_block(val_acc[:-1].tolist())
     model.set_prediction(model.prediction, best_block=best_block)
-    test_acc = evaluate_split(accelerator, model, test, train_cfg['eval_batch_size'])
+    test_acc = evaluate_split(accelerator, model, data, 'test')
     accuracy = {'fusion': test_acc[-1].item(), 'last': test_acc[-2].item(), 'best': test_acc[best_block].item()}
     input_size = (config['data']['channels'], config['data']['img_size'], config['data']['img_size'])
     costs = strategy_costs(model, input_size)
@@ -499,13 +555,13 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, train
     # Ranks must agree bit for bit: a cheap end-of-run proof that gradients were synchronised.
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()[None]
     checksums = accelerator.gather(checksum).tolist()
+    world = accelerator.num_processes
     data_cfg = config['data']
     results = {
         'model': config['model']['name'],
         'dataset': {'name': config['name'], 'hub_id': None if data_cfg['path'] or data_cfg['source'] == 'digits'
-                    else data_cfg['source'], 'path': data_cfg['path'], 'num_classes': train.num_classes,
-                    'label_names': train.label_names,
-                    'splits': {'train': len(train), 'validation': len(val), 'test': len(test)}},
+                    else data_cfg['source'], 'path': data_cfg['path'], 'num_classes': data.num_classes,
+                    'label_names': data.label_names, 'splits': data.sizes},
         'recipe': config,
         'config_file': args.config,
         'command': ' '.join(['accelerate launch recipes/train.py'] + args.argv),
@@ -525,7 +581,7 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, train
         'strategies': {name: {'test_accuracy': accuracy[name], **costs[name]} for name in costs},
     }
     if accelerator.is_main_process:
-        save_pretrained(model, out / 'export', label_names=train.label_names)
+        save_pretrained(model, out / 'export', label_names=data.label_names)
         write_json(out / 'results.json', results)
         accelerator.print(
             'test accuracy: ' + ', '.join(f'{k} {100 * v:.2f}%' for k, v in accuracy.items())

@@ -5,4 +5,6 @@
 from .models import AsgeBlock, AsgeCnn
 from .engine import LocalLearner, choose_best_block, evaluate, param_groups
 
+__all__ = ['AsgeBlock', 'AsgeCnn', 'LocalLearner', 'choose_best_block', 'evaluate', 'param_groups']
+
 __version__ = '0.1.0'

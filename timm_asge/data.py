@@ -24,7 +24,7 @@ from .fileio import atomic_path
 
 __all__ = [
     'ImageData', 'load_dataset_split', 'find_columns', 'decode_images', 'load_tensors', 'split_train_val',
-    'epoch_batches', 'augment_batch', 'to_model_input', 'default_cache_dir',
+    'epoch_batches', 'augment_batch', 'to_model_input', 'default_cache_dir', 'image_transform', 'image_loader',
 ]
 
 def default_cache_dir() -> Path:
@@ -348,3 +348,65 @@ def _rotate_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     cos, sin = angle.cos(), angle.sin()
     rotated = torch.stack([y, i * cos - q * sin, i * sin + q * cos], dim=1)
     return torch.einsum('ij,bjhw->bihw', rgb, rotated)
+
+
+class _ToMode:
+    """Picklable PIL mode conversion (DataLoader workers may be spawned)."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image):
+        return image.convert(self.mode)
+
+
+class _BatchTransform:
+    """``with_transform`` callable: PIL images of a batch dict -> uint8 tensors, labels kept."""
+
+    def __init__(self, transform, image_column: str, label_column: str):
+        self.transform, self.image_column, self.label_column = transform, image_column, label_column
+
+    def __call__(self, batch: Dict[str, list]) -> Dict[str, list]:
+        return {'image': [self.transform(image) for image in batch[self.image_column]],
+                'label': batch[self.label_column]}
+
+
+def image_transform(img_size: int, channels: int, train: bool, crop_pct: float = 0.875):
+    """torchvision transform for the streamed (large-dataset) path: uint8 CHW output, no normalisation.
+
+    Training: random resized crop + horizontal flip; evaluation: resize to ``img_size / crop_pct``, centre crop.
+    """
+    from torchvision import transforms as T
+
+    ops = [_ToMode({1: 'L', 3: 'RGB'}[channels])]
+    if train:
+        ops += [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()]
+    else:
+        ops += [T.Resize(int(math.floor(img_size / crop_pct))), T.CenterCrop(img_size)]
+    return T.Compose(ops + [T.PILToTensor()])
+
+
+def image_loader(
+        dataset,
+        img_size: int,
+        channels: int,
+        batch_size: int,
+        train: bool,
+        num_workers: int = 4,
+        image_column: Optional[str] = None,
+        label_column: Optional[str] = None,
+) -> torch.utils.data.DataLoader:
+    """DataLoader over a ``datasets.Dataset`` too large to decode into memory (ImageNet): decoding and
+    augmentation run in worker processes. Yields ``{'image': uint8 (B, C, H, W), 'label': int64 (B,)}``.
+    """
+    image_column, label_column = find_columns(dataset.features, image_column, label_column)
+    transform = _BatchTransform(image_transform(img_size, channels, train), image_column, label_column)
+    return torch.utils.data.DataLoader(
+        dataset.with_transform(transform),
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from .goodness import check_choice
 from .models.asge_cnn import AsgeCnn
 
-__all__ = ['LocalLearner', 'MODES', 'param_groups', 'evaluate', 'choose_best_block', 'check_labels', 'all_reduce_gradients']
+__all__ = [
+    'LocalLearner', 'MODES', 'param_groups', 'evaluate', 'pick_best_block', 'choose_best_block', 'check_labels',
+    'all_reduce_gradients',
+]
 
 MODES = ('fused', 'lean')
 
@@ -146,6 +149,11 @@ def evaluate(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]
     return correct, total
 
 
+def pick_best_block(block_accuracy: Sequence[float]) -> int:
+    """Index of the most accurate block; ties go to the earlier block (fewer FLOPs, parameters and memory)."""
+    return max(range(len(block_accuracy)), key=lambda i: (block_accuracy[i], -i))
+
+
 def choose_best_block(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[int, List[float]]:
     """Pick the block whose own scores are most accurate on ``batches`` (ties go to the earlier, cheaper block).
 
@@ -154,7 +162,7 @@ def choose_best_block(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torc
     """
     correct, total = evaluate(model, batches)
     accuracy = (correct[:-1].double() / total).tolist()
-    best = max(range(len(accuracy)), key=lambda i: (accuracy[i], -i))
+    best = pick_best_block(accuracy)
     model.set_prediction(model.prediction, best_block=best)
     return best, accuracy
 

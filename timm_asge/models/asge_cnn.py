@@ -18,7 +18,6 @@ Prediction strategies (the paper's v2 names; definitions inferred from the autho
 Adapted for timm by the timm-asge authors from the method description and the authors' public code
 (KCL-KAI-Lab/ASGE).
 """
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -30,7 +29,7 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..goodness import FixedProjection, RmsNorm, check_choice, grid_size, rms_norm, rms_pool2d, spatial_goodness
+from ..goodness import FixedProjection, RmsNorm, check_choice, grid_size, rms_pool2d, spatial_goodness
 
 __all__ = ['AsgeCnn', 'AsgeBlock', 'PREDICTIONS', 'POOL_TYPES']
 

@@ -1,0 +1,332 @@
+"""GPU suite: ASGE local learning (fused, lean) against a backprop baseline of the same network.
+
+Measures, for ``asge_cnn`` (3x32x32) on one CUDA device, every variant in bf16 autocast + channels_last + fused
+AdamW (optionally ``torch.compile``):
+    (a) training-step throughput (images/s) at several batch sizes;
+    (b) peak memory of a step at the memory batch (512): ``torch.cuda.max_memory_allocated()`` after
+        ``reset_peak_memory_stats()`` minus ``memory_allocated()`` before the step (so activations, gradients and
+        temporaries; not the weights or the AdamW state, which exist before the step);
+    (c) FLOP utilisation: analytic training FLOPs per image (``timm_asge.costs.training_flops``: forward + conv weight
+        gradients, plus conv input gradients for backprop) x images/s / the card's peak dense bf16 FLOP/s;
+    (d) a ``torch.profiler`` table of the top ops of one step per variant.
+
+Variants: ``fused`` (``LocalLearner(model, 'fused')``, one backward over the summed local losses), ``lean``
+(``LocalLearner(model, 'lean')``, per-block backward inside forward) and ``backprop`` (end-to-end cross-entropy
+through ``model(x)`` with the default ``fusion`` read-out). Data are synthetic (random images and labels on the
+device), so the numbers are the training step alone, no input pipeline.
+
+``--toy`` runs ``asge_cnn_tiny`` on tiny batches for a few steps, on the CPU if there is no GPU: a smoke test of this
+script, not a measurement (CPU memory there is the process's peak-RSS delta).
+
+Usage:
+    python bench/gpu_suite.py                     # on the GPU machine: ~2-4 min without --compile
+    python bench/gpu_suite.py --compile           # also torch.compile each block (adds compile time per run)
+    python bench/gpu_suite.py --toy               # CPU smoke test
+"""
+import argparse
+import json
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+import timm
+
+import timm_asge  # noqa: F401 (registers the asge_* models)
+from timm_asge import LocalLearner, param_groups
+from timm_asge.costs import training_activation_bytes, training_flops
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ('fused', 'lean', 'backprop')
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s from the vendor data sheets, matched on the device name.
+PEAK_BF16_FLOPS = (
+    ('H200', 989e12),
+    ('H100 PCIe', 756e12),
+    ('H100', 989e12),  # SXM
+    ('A100', 312e12),
+    ('L40S', 362e12),
+)
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def _rss_kib(field: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class MemoryMeter:
+    """Peak memory of the code between ``start()`` and ``stop()``, above what was allocated at ``start()``."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            # CPU (toy runs only): reset the kernel's peak-RSS mark; an approximation, glibc may keep freed memory.
+            self.before = (_rss_kib('VmRSS') or 0) * 1024
+            try:
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')
+            except OSError:
+                pass
+
+    def stop(self) -> int:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.before
+        return (_rss_kib('VmHWM') or 0) * 1024 - self.before
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _compile_blocks(model: torch.nn.Module) -> None:
+    """Compile the pieces both engines call (block features, scores, transition; the read-out head)."""
+    for block in model.stages:
+        block.features = torch.compile(block.features)
+        block.scores = torch.compile(block.scores)
+        block.transition = torch.compile(block.transition)
+    model.head = torch.compile(model.head)
+
+
+def build(args, variant: str, batch_size: int, device: torch.device):
+    """Fresh model, fused AdamW, synthetic batch and a ``step()`` closure for one (variant, batch size)."""
+    torch.manual_seed(0)
+    model = timm.create_model(args.model).to(device).train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    if args.compile:
+        torch._dynamo.reset()  # each run compiles its own model; stale guards from the previous run only cost time
+        _compile_blocks(model)
+    # Fused AdamW exists on CUDA and (torch >= 2.4) on the CPU.
+    optimizer = torch.optim.AdamW(param_groups(model, lr=2e-4, weight_decay=1e-3), fused=True)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(batch_size, *args.input_size, generator=generator)
+    images = images.to(device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, model.num_classes, (batch_size,), generator=generator).to(device)
+    learner = LocalLearner(model, variant) if variant != 'backprop' else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            if variant == 'backprop':
+                loss = F.cross_entropy(model(images), labels)
+            else:
+                loss = learner(images, labels)['loss']  # lean: already backpropagated block by block
+        if variant != 'lean':
+            loss.backward()
+        optimizer.step()
+
+    return model, step
+
+
+def measure(args, variant: str, batch_size: int, device: torch.device, peak: Optional[float]) -> Dict[str, Any]:
+    model, step = build(args, variant, batch_size, device)
+    for _ in range(args.warmup):
+        step()
+    meter = MemoryMeter(device)
+    meter.start()
+    step()
+    peak_bytes = meter.stop()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    images_per_s = batch_size * args.steps / elapsed
+    flops_per_image = training_flops(model, args.input_size, variant)
+    return dict(
+        variant=variant,
+        batch_size=batch_size,
+        step_ms=1000 * elapsed / args.steps,
+        images_per_s=images_per_s,
+        peak_step_mib=peak_bytes / 2 ** 20,
+        analytic_activation_mib_fp32=training_activation_bytes(model, args.input_size, variant) * batch_size / 2 ** 20,
+        train_gflop_per_image=flops_per_image / 1e9,
+        achieved_tflops=flops_per_image * images_per_s / 1e12,
+        flop_utilisation=flops_per_image * images_per_s / peak if peak else None,
+    )
+
+
+def profile(args, variant: str, device: torch.device, row_limit: int) -> Dict[str, Any]:
+    """Profile one step after warm-up; return the printed table and the top ops."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    _, step = build(args, variant, args.memory_batch, device)
+    for _ in range(max(args.warmup, 1)):
+        step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with torch_profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    sort_by = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    events = prof.key_averages()
+    table = events.table(sort_by=sort_by, row_limit=row_limit)
+    time_attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    ranked = sorted(events, key=lambda e: getattr(e, time_attr, 0) or 0, reverse=True)[:row_limit]
+    top = [dict(name=e.key, calls=e.count, self_ms=(getattr(e, time_attr, 0) or 0) / 1000) for e in ranked]
+    return dict(variant=variant, batch_size=args.memory_batch, sort_by=sort_by, table=table, top_ops=top)
+
+
+def _git(*cmd: str) -> str:
+    try:
+        return subprocess.run(['git', *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return 'unknown'
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return 'CPU ' + line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return 'CPU ' + platform.machine()
+
+
+def _table(rows: List[Dict[str, Any]]) -> str:
+    header = (f"{'variant':<9} {'batch':>5} {'img/s':>10} {'step ms':>9} {'peak MiB':>9} {'act. MiB fp32':>14} "
+              f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'util':>6}")
+    lines = [header, '-' * len(header)]
+    for r in rows:
+        util = f"{100 * r['flop_utilisation']:.1f}%" if r['flop_utilisation'] is not None else '-'
+        lines.append(
+            f"{r['variant']:<9} {r['batch_size']:>5} {r['images_per_s']:>10.1f} {r['step_ms']:>9.2f} "
+            f"{r['peak_step_mib']:>9.1f} {r['analytic_activation_mib_fp32']:>14.1f} "
+            f"{r['train_gflop_per_image']:>9.3f} {r['achieved_tflops']:>8.2f} {util:>6}")
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description='ASGE GPU suite: throughput, memory, FLOP utilisation, profile')
+    parser.add_argument('--toy', action='store_true', help='asge_cnn_tiny, tiny batches, few steps (CPU smoke test)')
+    parser.add_argument('--model', default=None, help='default asge_cnn (asge_cnn_tiny with --toy)')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=None, help='default 128 256 512 1024')
+    parser.add_argument('--memory-batch', type=int, default=None, help='batch of the memory/profile runs (512)')
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument('--warmup', type=int, default=None, help='default 5 (2 with --toy; torch.compile needs 2)')
+    parser.add_argument('--steps', type=int, default=None, help='timed steps, default 20 (2 with --toy)')
+    parser.add_argument('--no-amp', dest='amp', action='store_false', help='float32 instead of bf16 autocast')
+    parser.add_argument('--no-channels-last', dest='channels_last', action='store_false')
+    parser.add_argument('--compile', action='store_true', help='torch.compile block features/scores/transition')
+    parser.add_argument('--no-profile', dest='profile', action='store_false')
+    parser.add_argument('--profile-rows', type=int, default=15)
+    parser.add_argument('--peak-tflops', type=float, default=None, help='override the peak bf16 TFLOP/s of the card')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out', default=None, help='JSON path (default bench/results/gpu_suite-<device>.json)')
+    args = parser.parse_args()
+
+    toy = args.toy
+    args.model = args.model or ('asge_cnn_tiny' if toy else 'asge_cnn')
+    args.batch_sizes = args.batch_sizes or ([4, 8] if toy else [128, 256, 512, 1024])
+    args.memory_batch = args.memory_batch or (8 if toy else 512)
+    args.warmup = args.warmup if args.warmup is not None else (2 if toy else 5)
+    args.steps = args.steps if args.steps is not None else (2 if toy else 20)
+    device = torch.device(args.device)
+    if device.type != 'cuda' and not toy:
+        parser.error('no CUDA device: run with --toy for the CPU smoke test, or on the GPU machine')
+    if args.compile:
+        # Every block shares AsgeBlock's code objects, so the default recompile limit (8) would silently fall back
+        # to eager after the 8th block/batch-size combination.
+        for name in ('recompile_limit', 'cache_size_limit'):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 256)
+    probe = timm.create_model(args.model)
+    args.input_size = tuple(probe.pretrained_cfg['input_size'])
+    device_name = _device_name(device)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(device_name) if device.type == 'cuda' else None)
+
+    batch_sizes = sorted(set(args.batch_sizes) | {args.memory_batch})
+    rows = []
+    for batch_size in batch_sizes:
+        for variant in args.variants:
+            try:
+                rows.append(measure(args, variant, batch_size, device, peak))
+            except torch.OutOfMemoryError as e:
+                print(f'{variant} at batch {batch_size}: out of memory ({e})', file=sys.stderr)
+            finally:
+                if device.type == 'cuda':
+                    torch.cuda.empty_cache()
+            if rows and rows[-1]['variant'] == variant and rows[-1]['batch_size'] == batch_size:
+                print(f"  {variant:<9} batch {batch_size:>5}: {rows[-1]['images_per_s']:.1f} img/s", file=sys.stderr)
+
+    profiles = [profile(args, variant, device, args.profile_rows) for variant in args.variants] if args.profile else []
+
+    settings = (f"{args.model} {'x'.join(map(str, args.input_size))}, {'bf16 autocast' if args.amp else 'fp32'}, "
+                f"{'channels_last' if args.channels_last else 'NCHW'}, fused AdamW"
+                f"{', torch.compile' if args.compile else ''}; {args.warmup} warm-up + {args.steps} timed steps")
+    print(f'\n{device_name}: {settings}')
+    print(f"peak bf16: {peak / 1e12:.0f} TFLOP/s" if peak else 'peak FLOP/s unknown: utilisation not computed')
+    print('\n(a) throughput, (b) peak step memory, (c) FLOP utilisation')
+    print(_table(rows))
+    print(f'\nmemory at batch {args.memory_batch}: max_memory_allocated - allocated before the step '
+          f"({'CUDA' if device.type == 'cuda' else 'CPU peak-RSS delta, approximate'}); "
+          '"act. MiB fp32" is the analytic float32 activation model (bf16 autocast stores less)')
+    for p in profiles:
+        print(f"\n(d) profile: {p['variant']}, batch {p['batch_size']}, sorted by {p['sort_by']}")
+        print(p['table'])
+
+    record = dict(
+        environment=dict(
+            device=device_name,
+            hostname=platform.node(),
+            torch=torch.__version__,
+            timm=timm.__version__,
+            timm_asge=timm_asge.__version__,
+            cuda=torch.version.cuda,
+            commit=_git('rev-parse', 'HEAD'),
+            dirty=bool(_git('status', '--porcelain')),
+            command=' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
+            date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
+            toy=toy,
+        ),
+        settings=dict(
+            model=args.model, input_size=list(args.input_size), amp_bf16=args.amp, channels_last=args.channels_last,
+            compile=args.compile, fused_adamw=True, warmup=args.warmup, steps=args.steps,
+            memory_batch=args.memory_batch, peak_flops=peak,
+        ),
+        results=rows,
+        profiles=[{k: v for k, v in p.items() if k != 'table'} for p in profiles],
+    )
+    tag = re.sub(r'[^A-Za-z0-9._-]+', '-', device_name).strip('-') + ('-toy' if toy else '')
+    out = Path(args.out) if args.out else REPO / 'bench' / 'results' / f'gpu_suite-{tag}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + '\n')
+    print(f'\nwrote {out}')
+
+
+if __name__ == '__main__':
+    main()
