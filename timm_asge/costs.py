@@ -84,10 +84,9 @@ def strategy_costs(model: AsgeCnn, input_size: Tuple[int, int, int]) -> Dict[str
         * transition of block l (when its output is needed): Y and the output;
         * scoring of the read block (``last``/``best``): Y, the goodness vector and the scores;
         * ``fusion`` additionally holds, from the moment they are made, the outputs of blocks ``fusion_start..L-1``
-          pooled to the last output's resolution (what ``AsgeCnn.fuse`` reads), and at the end these pieces, their
+          pooled to the last output's resolution (``AsgeCnn.fusion_input``), and at the end these pieces, their
           concatenation and the logits.
-    Eager ``AsgeCnn.forward`` holds more than this lower bound: ``forward_blocks`` keeps every block's Y map and
-    output in lists until it returns.
+    Eager ``AsgeCnn.forward`` follows this schedule: it pools each output as soon as it exists and keeps no maps.
 
     Args:
         model: The ASGE network.

@@ -67,9 +67,10 @@ class LocalLearner(nn.Module):
         model.check_input(images)
         check_labels(labels, model.num_classes)
         lean = self.mode == 'lean' and torch.is_grad_enabled()
+        size = model.output_size(*images.shape[-2:])
         x = model.stem(images)
-        losses, correct, outputs = [], [], []
-        for block in model.stages:
+        losses, correct, fused = [], [], []
+        for i, block in enumerate(model.stages):
             y = block.features(x.detach())
             scores = block.scores(y)
             loss = F.cross_entropy(scores.float(), labels)
@@ -79,11 +80,12 @@ class LocalLearner(nn.Module):
             # The next block reads a detached input, so the transition (pool, dropout, RMS norm) needs no graph.
             with torch.no_grad():
                 x = block.transition(y)
+                if i >= model.fusion_start:
+                    fused.append(model.fusion_input(x, size))
             losses.append(loss)
             correct.append((scores.detach().argmax(dim=1) == labels).sum())
-            outputs.append(x)
         # The read-out learns from detached block outputs: it never sends a gradient into the convolutions.
-        fusion_logits = model.head(model.fuse(outputs))
+        fusion_logits = model.head(torch.cat(fused, dim=1))
         fusion_loss = F.cross_entropy(fusion_logits.float(), labels)
         if lean:
             fusion_loss.backward()

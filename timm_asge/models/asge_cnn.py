@@ -326,54 +326,42 @@ class AsgeCnn(nn.Module):
                 f'{sum(self.downsample)} down-sampling steps and goodness grids {self.grids} need at least '
                 f'{self.min_input_size}x{self.min_input_size}; resize the images or use a shallower network')
 
-    def forward_blocks(
-            self,
-            x: torch.Tensor,
-            num_blocks: Optional[int] = None,
-            detach: bool = False,
-    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Run the stem and the first ``num_blocks`` blocks.
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        """Spatial size of the last block's output (the fusion features) for an input of ``height x width``."""
+        for down in self.downsample:
+            if down:
+                height, width = height // 2, width // 2
+        return height, width
 
-        Args:
-            x: Input images.
-            num_blocks: Blocks to run (all if None).
-            detach: Detach every block's input, so no gradient crosses a block boundary (local learning).
+    def fusion_input(self, output: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """A block output pooled to the final resolution ``size``, ready to concatenate into the fusion features.
 
-        Returns:
-            Every block's activation map Y and its output (the next block's input).
+        All resolutions divide (down-sampling halves), so global average pooling of the concatenation equals each
+        block's own global average: the fusion read-out is a sum of per-block linear heads on pooled outputs.
         """
-        self.check_input(x)
-        num_blocks = len(self.stages) if num_blocks is None else num_blocks
-        x = self.stem(x)
-        maps, outputs = [], []
-        for block in self.stages[:num_blocks]:
-            if detach:
-                x = x.detach()
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                y = checkpoint(block.features, x, use_reentrant=False)
-            else:
-                y = block.features(x)
-            x = block.transition(y)
-            maps.append(y)
-            outputs.append(x)
-        return maps, outputs
+        return output if tuple(output.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(output, size)
 
-    def fuse(self, outputs: List[torch.Tensor]) -> torch.Tensor:
-        """Concatenate block outputs ``fusion_start..`` pooled to the last output's resolution (fusion features).
-
-        Global average pooling of the result equals each block's own global average (all resolutions divide), so
-        the fusion read-out equals a sum of per-block linear heads on globally pooled outputs.
-        """
-        size = outputs[-1].shape[-2:]
-        fused = [o if o.shape[-2:] == size else F.adaptive_avg_pool2d(o, size) for o in outputs[self.fusion_start:]]
-        return torch.cat(fused, dim=1)
+    def _block_features(self, block: AsgeBlock, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block.features, x, use_reentrant=False)
+        return block.features(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        size = self.output_size(*x.shape[-2:])
+        x = self.stem(x)
         if self.prediction == 'fusion':
-            _, outputs = self.forward_blocks(x)
-            return self.fuse(outputs)
-        maps, _ = self.forward_blocks(x, self.read_block + 1)
-        return maps[-1]
+            # Pool each output as soon as it exists, so only one block's full-size maps are alive at a time.
+            fused = []
+            for i, block in enumerate(self.stages):
+                x = block.transition(self._block_features(block, x))
+                if i >= self.fusion_start:
+                    fused.append(self.fusion_input(x, size))
+            return torch.cat(fused, dim=1)
+        read = self.read_block
+        for block in self.stages[:read]:
+            x = block.transition(self._block_features(block, x))
+        return self._block_features(self.stages[read], x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.prediction == 'fusion':
@@ -389,8 +377,17 @@ class AsgeCnn(nn.Module):
 
     def block_logits(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Every block's fixed-projection scores and, last, the fusion logits, from one pass (for evaluation)."""
-        maps, outputs = self.forward_blocks(x)
-        return [block.scores(y) for block, y in zip(self.stages, maps)] + [self.head(self.fuse(outputs))]
+        self.check_input(x)
+        size = self.output_size(*x.shape[-2:])
+        x = self.stem(x)
+        logits, fused = [], []
+        for i, block in enumerate(self.stages):
+            y = block.features(x)
+            logits.append(block.scores(y))
+            x = block.transition(y)
+            if i >= self.fusion_start:
+                fused.append(self.fusion_input(x, size))
+        return logits + [self.head(torch.cat(fused, dim=1))]
 
     def forward_intermediates(
             self,
@@ -413,16 +410,28 @@ class AsgeCnn(nn.Module):
         """
         assert output_fmt == 'NCHW', 'Output format must be NCHW.'
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if intermediates_only:
-            _, outputs = self.forward_blocks(x, max_index + 1 if stop_early else None)
-            return [outputs[i] for i in take_indices]
-        if self.prediction == 'fusion':
-            _, outputs = self.forward_blocks(x)
-            features = self.fuse(outputs)
+        self.check_input(x)
+        size = self.output_size(*x.shape[-2:])
+        if intermediates_only and stop_early:
+            last = max_index
+        elif self.prediction == 'fusion':
+            last = len(self.stages) - 1
         else:
-            maps, outputs = self.forward_blocks(x, max(max_index, self.read_block) + 1)
-            features = maps[self.read_block]
-        return features, [outputs[i] for i in take_indices]
+            last = max(max_index, self.read_block)
+        x = self.stem(x)
+        intermediates, fused, features = [], [], None
+        for i, block in enumerate(self.stages[:last + 1]):
+            y = self._block_features(block, x)
+            x = block.transition(y)
+            if i in take_indices:
+                intermediates.append(x)
+            if self.prediction == 'fusion' and i >= self.fusion_start:
+                fused.append(self.fusion_input(x, size))
+            elif self.prediction != 'fusion' and i == self.read_block:
+                features = y
+        if intermediates_only:
+            return intermediates
+        return (torch.cat(fused, dim=1) if self.prediction == 'fusion' else features), intermediates
 
     def prune_intermediate_layers(
             self,
