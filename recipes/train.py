@@ -217,11 +217,12 @@ class RecipeData:
                         load_tensors(source, data_cfg['test_split'], **load)
                     self.train, self.val = split_train_val(train, data_cfg['val_size'], seed)
                     self.label_names = train.label_names
-                    self.train, self.val, self.test = (d.to(accelerator.device) for d in (self.train, self.val, self.test))
+                    device = accelerator.device
+                    self.train, self.val, self.test = self.train.to(device), self.val.to(device), self.test.to(device)
                 else:
                     train = load_dataset_split(source, data_cfg['train_split'])
                     self.test = load_dataset_split(source, data_cfg['test_split'])
-                    size = data_cfg['val_size'] if data_cfg['val_size'] >= 1 else float(data_cfg['val_size'])
+                    size = int(data_cfg['val_size']) if data_cfg['val_size'] >= 1 else float(data_cfg['val_size'])
                     split = train.train_test_split(test_size=size, seed=seed)
                     self.train, self.val = split['train'], split['test']
                     label_column = find_columns(train.features, **columns)[1]

@@ -311,7 +311,9 @@ def augment_batch(
         offset = torch.randint(0, 2 * crop_padding + 1, (2, b), device=device, generator=generator)
         rows = (offset[0, :, None] + torch.arange(h, device=device))[:, None, :, None]
         cols = (offset[1, :, None] + torch.arange(w, device=device))[:, None, None, :]
-        images = padded[torch.arange(b, device=device)[:, None, None, None], torch.arange(c, device=device)[None, :, None, None], rows, cols]
+        batch_index = torch.arange(b, device=device)[:, None, None, None]
+        channel_index = torch.arange(c, device=device)[None, :, None, None]
+        images = padded[batch_index, channel_index, rows, cols]
     if hflip:
         flip = torch.rand(b, 1, 1, 1, device=device, generator=generator) < 0.5
         images = torch.where(flip, images.flip(-1), images)

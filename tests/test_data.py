@@ -1,0 +1,107 @@
+"""Data pipeline: decoding and caching, column discovery, sharded epochs, on-device augmentation."""
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_dataset
+from timm_asge.data import (
+    ImageData, augment_batch, epoch_batches, epoch_indices, find_columns, load_tensors, num_batches, split_train_val)
+
+
+def test_find_columns_prefers_fine_label_and_names_missing_ones():
+    features = datasets.Features({'img': datasets.Image(), 'coarse_label': datasets.ClassLabel(num_classes=20),
+                                  'fine_label': datasets.ClassLabel(num_classes=100)})
+    assert find_columns(features) == ('img', 'fine_label')
+    assert find_columns(features, label_column='coarse_label') == ('img', 'coarse_label')
+    with pytest.raises(ValueError, match=r"no image column 'image' \(columns: \['img', 'coarse_label', 'fine_label'\]"):
+        find_columns(features, image_column='image')
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 3])
+def test_epoch_shards_cover_every_sample_once(world_size):
+    n = 12
+    shards = [epoch_indices(n, epoch=4, seed=1, rank=r, world_size=world_size) for r in range(world_size)]
+    assert len({len(s) for s in shards}) == 1
+    assert sorted(torch.cat(shards).tolist()) == list(range(n))
+    assert not torch.equal(epoch_indices(n, 4, 1), epoch_indices(n, 5, 1))  # reshuffled every epoch
+    assert num_batches(n, 5, world_size) == len(list(epoch_batches(ImageData(torch.zeros(n, 1, 2, 2, dtype=torch.uint8),
+                                                                                  torch.zeros(n, dtype=torch.long),
+                                                                                  ['a']), 5, world_size=world_size)))
+
+
+def test_uneven_shards_are_padded_like_distributed_sampler():
+    shards = [epoch_indices(7, 0, 0, rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [4, 4]
+    assert set(torch.cat(shards).tolist()) == set(range(7))
+
+
+def test_resume_mid_epoch_skips_exactly_the_trained_batches():
+    data = ImageData(torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 2, 2).contiguous(),
+                     torch.zeros(40, dtype=torch.long), ['a'])
+    full = [labels for _, _, labels in epoch_batches(data, 8, epoch=2)]
+    full_images = [images for _, images, _ in epoch_batches(data, 8, epoch=2)]
+    resumed = [(index, images) for index, images, _ in epoch_batches(data, 8, epoch=2, start=3)]
+    assert [index for index, _ in resumed] == [3, 4]
+    assert all(torch.equal(a, b) for a, (_, b) in zip(full_images[3:], resumed))
+    assert len(full) == 5
+
+
+def test_split_train_val_is_seeded_and_disjoint():
+    data = ImageData(torch.zeros(100, 1, 2, 2, dtype=torch.uint8), torch.arange(100) % 10, [str(i) for i in range(10)])
+    train, val = split_train_val(data, 0.2, seed=0)
+    again, _ = split_train_val(data, 20, seed=0)
+    assert len(train) == 80 and len(val) == 20 and torch.equal(train.labels, again.labels)
+    with pytest.raises(ValueError, match='leaves no training or no validation samples'):
+        split_train_val(data, 100, seed=0)
+
+
+def test_augmentation_is_per_sample_seeded_and_in_range():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 3, 8, 8, generator=g)
+    out = augment_batch(images, torch.Generator().manual_seed(5), crop_padding=2, hflip=True,
+                        color_jitter=(0.4, 0.4, 0.4, 0.1), grayscale_p=0.2)
+    again = augment_batch(images, torch.Generator().manual_seed(5), crop_padding=2, hflip=True,
+                          color_jitter=(0.4, 0.4, 0.4, 0.1), grayscale_p=0.2)
+    assert torch.equal(out, again) and out.shape == images.shape
+    assert 0 <= out.min() and out.max() <= 1
+    grey = (out[:, 0] == out[:, 1]).all(dim=(1, 2)) & (out[:, 1] == out[:, 2]).all(dim=(1, 2))
+    assert 3 <= grey.sum() <= 25  # p = 0.2 of 64 images
+
+
+def test_crop_and_flip_move_pixels_as_documented():
+    image = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4) / 16
+    flipped = [augment_batch(image, torch.Generator().manual_seed(s), hflip=True) for s in range(20)]
+    assert any(torch.equal(f, image.flip(-1)) for f in flipped) and any(torch.equal(f, image) for f in flipped)
+    crops = [augment_batch(image, torch.Generator().manual_seed(s), crop_padding=1) for s in range(30)]
+    # Every crop is the image shifted by at most one pixel with zeros coming in from the padding.
+    for crop in crops:
+        shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                  if torch.equal(crop, torch.roll(torch.nn.functional.pad(image, (1, 1, 1, 1)), (dy, dx), (2, 3))
+                                 [..., 1:5, 1:5])]
+        assert shifts, crop
+    assert len({tuple(c.flatten().tolist()) for c in crops}) > 3
+
+
+def test_local_parquet_decode_and_cache(tmp_path):
+    images = [np.full((6, 6, 3), 10 * i, dtype=np.uint8) for i in range(10)]
+    ds = datasets.Dataset.from_dict({'img': images, 'label': [i % 2 for i in range(10)]},
+                                    features=datasets.Features({'img': datasets.Image(),
+                                                                'label': datasets.ClassLabel(names=['cat', 'dog'])}))
+    folder = tmp_path / 'toy'
+    ds.to_parquet(str(folder / 'train-00000-of-00001.parquet'))
+    data = load_tensors(str(folder), 'train', img_size=6, channels=3, cache_dir=tmp_path / 'cache')
+    assert data.images.shape == (10, 3, 6, 6) and data.images.dtype == torch.uint8
+    assert data.images[3].unique().tolist() == [30] and data.label_names == ['cat', 'dog']
+    assert len(list((tmp_path / 'cache').glob('*.safetensors'))) == 1
+    cached = load_tensors(str(folder), 'train', img_size=6, channels=3, cache_dir=tmp_path / 'cache')
+    assert torch.equal(cached.images, data.images) and cached.label_names == data.label_names
+    grey = load_tensors(str(folder), 'train', img_size=12, channels=1, cache_dir=tmp_path / 'cache')
+    assert grey.images.shape == (10, 1, 12, 12)
+
+
+@pytest.mark.shared_data
+def test_mnist_copy_decodes_exactly():
+    data = load_tensors(str(shared_dataset('mnist')), 'test', img_size=28, channels=1)
+    assert data.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
