@@ -1,10 +1,19 @@
-"""Two gloo processes (accelerate's debug launcher): ranks cover every sample once per epoch and stay in sync."""
+"""Two gloo processes launched by `accelerate launch`: ranks cover every sample once per epoch and stay in sync.
+
+Run as a script by the test (fresh processes: forking a pytest process whose torch thread pool is already in use
+deadlocks the children, so accelerate's fork-based debug_launcher is not used).
+"""
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 import timm
-from accelerate import Accelerator, debug_launcher
-from accelerate.state import AcceleratorState, PartialState
+from accelerate import Accelerator
 
+import timm_asge  # noqa: F401
 from timm_asge import LocalLearner, param_groups
 from timm_asge.data import ImageData, epoch_batches, to_model_input
 from timm_asge.engine import all_reduce_gradients
@@ -48,8 +57,22 @@ def _train_two_epochs(mode: str):
     assert not torch.equal(flat, torch.cat([p.flatten() for p in timm.create_model('asge_cnn_tiny').parameters()]))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.parametrize('mode', ['fused', 'lean'])
 def test_two_gloo_ranks_cover_the_epoch_once_and_stay_identical(mode):
-    debug_launcher(lambda: _train_two_epochs(mode), num_processes=2)
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--main_process_port', str(_free_port()), __file__, mode]
+    proc = subprocess.run(cmd, text=True, capture_output=True, timeout=300,
+                          env={**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('RANK OK') == 2, proc.stdout
+
+
+if __name__ == '__main__':
+    _train_two_epochs(sys.argv[1])
+    print('RANK OK', flush=True)
