@@ -28,7 +28,6 @@ import json
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -44,6 +43,8 @@ import timm
 import timm_asge  # noqa: F401 (registers the asge_* models)
 from timm_asge import LocalLearner, param_groups
 from timm_asge.costs import training_activation_bytes, training_flops
+
+from cpu_throughput import _git, _rss_kib  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ('fused', 'lean', 'backprop')
@@ -61,17 +62,6 @@ def peak_flops(device_name: str) -> Optional[float]:
     for key, flops in PEAK_BF16_FLOPS:
         if key in device_name:
             return flops
-    return None
-
-
-def _rss_kib(field: str) -> Optional[int]:
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        pass
     return None
 
 
@@ -195,13 +185,6 @@ def profile(args, variant: str, device: torch.device, row_limit: int) -> Dict[st
     ranked = sorted(events, key=lambda e: getattr(e, time_attr, 0) or 0, reverse=True)[:row_limit]
     top = [dict(name=e.key, calls=e.count, self_ms=(getattr(e, time_attr, 0) or 0) / 1000) for e in ranked]
     return dict(variant=variant, batch_size=args.memory_batch, sort_by=sort_by, table=table, top_ops=top)
-
-
-def _git(*cmd: str) -> str:
-    try:
-        return subprocess.run(['git', *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
 
 
 def _device_name(device: torch.device) -> str:
