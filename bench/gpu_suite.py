@@ -16,7 +16,7 @@ through ``model(x)`` with the default ``fusion`` read-out). Data are synthetic (
 device), so the numbers are the training step alone, no input pipeline.
 
 ``--toy`` runs ``asge_cnn_tiny`` on tiny batches for a few steps, on the CPU if there is no GPU: a smoke test of this
-script, not a measurement (CPU memory there is the process's peak-RSS delta).
+script, not a measurement (CPU memory there is live tensor bytes, counted at dispatch).
 
 Usage:
     python bench/gpu_suite.py                     # on the GPU machine: ~2-4 min without --compile
@@ -30,6 +30,7 @@ import re
 import shlex
 import sys
 import time
+import weakref
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,12 +40,15 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 import timm
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 import timm_asge  # noqa: F401 (registers the asge_* models)
 from timm_asge import LocalLearner, param_groups
 from timm_asge.costs import training_activation_bytes, training_flops
 
-from cpu_throughput import _git, _rss_kib  # bench/ is on sys.path when run as a script
+from cpu_throughput import _git  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ('fused', 'lean', 'backprop')
@@ -65,8 +69,37 @@ def peak_flops(device_name: str) -> Optional[float]:
     return None
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage created inside the mode and still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen = WeakIdKeyDictionary()
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage not in self._seen:  # views and in-place results share a storage already counted
+                    nbytes = storage.nbytes()
+                    self._seen[storage] = nbytes
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, nbytes)
+        return out
+
+
 class MemoryMeter:
-    """Peak memory of the code between ``start()`` and ``stop()``, above what was allocated at ``start()``."""
+    """Peak memory of the code between ``start()`` and ``stop()``, above what was allocated at ``start()``.
+
+    CUDA: the caching allocator's statistics. Other devices (toy runs): live tensor bytes, counted at dispatch.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -77,19 +110,15 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
         else:
-            # CPU (toy runs only): reset the kernel's peak-RSS mark; an approximation, glibc may keep freed memory.
-            self.before = (_rss_kib('VmRSS') or 0) * 1024
-            try:
-                with open('/proc/self/clear_refs', 'w') as f:
-                    f.write('5')
-            except OSError:
-                pass
+            self.counter = LiveTensorBytes()
+            self.counter.__enter__()
 
     def stop(self) -> int:
         if self.device.type == 'cuda':
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.before
-        return (_rss_kib('VmHWM') or 0) * 1024 - self.before
+        self.counter.__exit__(None, None, None)
+        return self.counter.peak
 
 
 def _sync(device: torch.device) -> None:
@@ -109,9 +138,10 @@ def _compile_blocks(model: torch.nn.Module) -> None:
 def build(args, variant: str, batch_size: int, device: torch.device):
     """Fresh model, fused AdamW, synthetic batch and a ``step()`` closure for one (variant, batch size)."""
     torch.manual_seed(0)
-    model = timm.create_model(args.model).to(device).train()
+    model = timm.create_model(args.model, device=device).train()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    if args.channels_last:
+        model = model.to(memory_format=memory_format)
     if args.compile:
         torch._dynamo.reset()  # each run compiles its own model; stale guards from the previous run only cost time
         _compile_blocks(model)
@@ -276,7 +306,7 @@ def main() -> None:
     print('\n(a) throughput, (b) peak step memory, (c) FLOP utilisation')
     print(_table(rows))
     print(f'\nmemory at batch {args.memory_batch}: max_memory_allocated - allocated before the step '
-          f"({'CUDA' if device.type == 'cuda' else 'CPU peak-RSS delta, approximate'}); "
+          f"({'CUDA' if device.type == 'cuda' else 'CPU: live tensor bytes counted at dispatch'}); "
           '"act. MiB fp32" is the analytic float32 activation model (bf16 autocast stores less)')
     for p in profiles:
         print(f"\n(d) profile: {p['variant']}, batch {p['batch_size']}, sorted by {p['sort_by']}")

@@ -107,12 +107,14 @@ def test_params_match_the_model():
 
 def test_training_activation_bytes_of_tiny_by_hand():
     model = _tiny()
-    # Local graph of block l: input + Y (+ Y**2 when the grid is > 1) + N log-probabilities; only block 3 has P = 1.
-    graphs = [IN[0] + 2 * Y[0] + 10, IN[1] + 2 * Y[1] + 10, IN[2] + 2 * Y[2] + 10, IN[3] + Y[3] + 10]
+    # Local graph of block l: input + Y (the one map the fused ReLU-goodness node keeps) + N log-probabilities.
+    graphs = [IN[i] + Y[i] + NUM_CLASSES for i in range(4)]
     read_out = FUSION_FEATURES + NUM_CLASSES
-    # Lean: block 1's graph is the peak (40970 elements); later blocks add the earlier outputs kept for fusion.
+    # Lean: block 2's graph is the peak (24586 elements); later blocks add the pooled (4x4) fusion inputs kept so far.
+    fusion_inputs = [64 * 16, 64 * 16, 128 * 16]  # outputs of blocks 2..4 pooled to the final 4x4
     assert training_activation_bytes(model, TINY_INPUT, 'lean') == 4 * max(
-        graphs[0], graphs[1], graphs[2] + OUT[0], graphs[3] + OUT[0] + OUT[1], sum(OUT) + read_out) == 4 * 40_970
+        graphs[0], graphs[1], graphs[2] + fusion_inputs[0], graphs[3] + sum(fusion_inputs[:2]),
+        sum(fusion_inputs) + read_out) == 4 * 24_586
     assert training_activation_bytes(model, TINY_INPUT, 'fused') == 4 * (sum(graphs) + OUT[3] + read_out)
     # Backprop: conv input, Y, RMS pooling's Y**2 and pooled map (blocks 1, 2), dropout mask and output.
     backprop = sum(IN) + sum(Y) + (Y[1] + OUT[1]) + (Y[2] + OUT[2]) + 2 * sum(OUT) + read_out

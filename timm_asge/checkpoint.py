@@ -6,7 +6,9 @@ header``, a wall of ``size mismatch`` lines). The helpers here check the same th
 nothing is unpickled.
 """
 import difflib
+import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -17,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 import timm
+from timm.models import adapt_input_conv
 
 __all__ = [
     'CONFIG_NAME', 'WEIGHTS_NAME', 'UNSAFE_SUFFIXES', 'CheckpointError', 'read_config', 'check_architecture',
@@ -29,6 +32,8 @@ WEIGHTS_NAME = 'model.safetensors'
 UNSAFE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.tar')
 # Architecture options a loader may change: everything else must match the checkpoint exactly.
 ADAPTABLE_ARGS = ('num_classes', 'in_chans')
+# timm >= 1.0.30 adapts a first conv from any channel count (its pretrained_cfg's input_size), older only from 3.
+_TIMM_ADAPTS_ANY_CHANNELS = 'base_chans' in inspect.signature(adapt_input_conv).parameters
 
 
 class CheckpointError(ValueError):
@@ -153,6 +158,17 @@ def _describe(model: nn.Module) -> str:
     return f'{type(model).__name__}({", ".join(f"{k}={v!r}" for k, v in args().items())})'
 
 
+def _adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """timm's ``adapt_input_conv`` rule from any source channel count: sum for 1 channel, else tile and rescale."""
+    src = weight.shape[1]
+    adapted = weight.float()
+    if in_chans == 1:
+        adapted = adapted.sum(dim=1, keepdim=True)
+    else:
+        adapted = adapted.repeat(1, math.ceil(in_chans / src), 1, 1)[:, :in_chans] * (src / in_chans)
+    return adapted.to(weight.dtype)
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Check that a state dict fits ``model`` before timm loads it (timm's ``pretrained_filter_fn`` hook).
 
@@ -188,6 +204,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             continue
         elif key in first_conv_keys and got.ndim == want.ndim == 4 and got.shape[0] == want.shape[0] \
                 and got.shape[2:] == want.shape[2:]:
+            if got.shape[1] != 3 and not _TIMM_ADAPTS_ANY_CHANNELS:
+                # Older timm adapts only 3-channel first convs: adapt the others here, by the rule newer timm applies.
+                state_dict[key] = _adapt_input_channels(got, want.shape[1])
             continue  # timm adapts the input channels of the first conv (in_chans)
         else:
             mismatched.append(f'{key}: checkpoint {tuple(got.shape)}, model {tuple(want.shape)}')

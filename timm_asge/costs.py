@@ -150,12 +150,11 @@ def training_activation_bytes(model: AsgeCnn, input_size: Tuple[int, int, int], 
     for the fusion read-out. Not counted: transient buffers (pre-ReLU conv output, gradient maps during backward),
     weights, gradients and optimizer state. The saved tensors, as PyTorch's autograd keeps them for this model:
 
-    * local block l (conv + ReLU + goodness + projection + cross-entropy): the conv input, Y (saved once: ReLU output
-      and input of the square), the squared map Y**2 if the goodness grid is larger than 1x1 (adaptive pooling to 1x1
-      is a mean, which saves nothing), and the N log-probabilities: ``G_l = in + Y + [P > 1] Y + N``;
-    * ``'lean'`` (``LocalLearner(mode='lean')``): one block's graph at a time, plus the outputs of the earlier blocks,
-      which the engine keeps for the fusion read-out: peak over l of ``G_l + sum(out_j, j < l - 1)`` (block l's input
-      is counted in ``G_l``), and at the end all outputs plus the read-out's input (``fusion_features``) and N;
+    * local block l (conv + ReLU-goodness node + projection + cross-entropy): the conv input, Y (the one tensor the
+      fused ReLU-goodness node keeps, see ``relu_spatial_goodness``) and the N log-probabilities: ``G_l = in + Y + N``;
+    * ``'lean'`` (``LocalLearner(mode='lean')``): one block's graph at a time, plus the earlier blocks' outputs pooled
+      to the final resolution, which the engine keeps for the fusion read-out: peak over l of
+      ``G_l + sum(fusion input j, fusion_start <= j < l)``, and at the end the read-out's input and N;
     * ``'fused'``: every block's graph alive at once, plus the last block's output and the read-out:
       ``sum(G_l) + out_L + fusion_features + N``;
     * ``'backprop'``: end-to-end cross-entropy through ``model(x)`` with the ``fusion`` strategy. Per block: the conv
@@ -176,14 +175,15 @@ def training_activation_bytes(model: AsgeCnn, input_size: Tuple[int, int, int], 
     shapes = block_shapes(model, input_size)
     num_classes = model.num_classes
     read_out = model.fusion_features + num_classes
-    graphs = [s['in'] + s['y'] * (2 if block.grid > 1 else 1) + num_classes for block, s in zip(model.stages, shapes)]
+    graphs = [s['in'] + s['y'] + num_classes for s in shapes]
     if mode == 'lean':
+        final_hw = shapes[-1]['out_hw']
         peak, held = 0, 0
         for i, graph in enumerate(graphs):
-            if i >= 2:
-                held += shapes[i - 2]['out']
             peak = max(peak, graph + held)
-        peak = max(peak, sum(s['out'] for s in shapes) + read_out)
+            if i >= model.fusion_start:
+                held += model.widths[i] * final_hw
+        peak = max(peak, held + read_out)
     elif mode == 'fused':
         peak = sum(graphs) + shapes[-1]['out'] + read_out
     else:

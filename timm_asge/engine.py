@@ -71,19 +71,11 @@ class LocalLearner(nn.Module):
         x = model.stem(images)
         losses, correct, fused = [], [], []
         for i, block in enumerate(model.stages):
-            y = block.features(x.detach())
-            scores = block.scores(y)
-            loss = F.cross_entropy(scores.float(), labels)
-            if lean:
-                loss.backward()
-                loss = loss.detach()
-            # The next block reads a detached input, so the transition (pool, dropout, RMS norm) needs no graph.
-            with torch.no_grad():
-                x = block.transition(y)
-                if i >= model.fusion_start:
-                    fused.append(model.fusion_input(x, size))
+            x, loss, block_correct = self._block_step(block, x, labels, lean)
+            if i >= model.fusion_start:
+                fused.append(model.fusion_input(x, size))
             losses.append(loss)
-            correct.append((scores.detach().argmax(dim=1) == labels).sum())
+            correct.append(block_correct)
         # The read-out learns from detached block outputs: it never sends a gradient into the convolutions.
         fusion_logits = model.head(torch.cat(fused, dim=1))
         fusion_loss = F.cross_entropy(fusion_logits.float(), labels)
@@ -98,6 +90,28 @@ class LocalLearner(nn.Module):
             'fusion_loss': fusion_loss.detach(),
             'correct': torch.stack(correct),
         }
+
+
+    @staticmethod
+    def _block_step(
+            block: nn.Module,
+            x: torch.Tensor,
+            labels: torch.Tensor,
+            lean: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One block's local loss (back-propagated at once if ``lean``), correct count and detached output.
+
+        A function of its own so the block's activation map is freed on return, before the next block runs.
+        """
+        y, scores = block.local_forward(x.detach())
+        loss = F.cross_entropy(scores.float(), labels)
+        if lean:
+            loss.backward()
+            loss = loss.detach()
+        # The next block reads a detached input, so the transition (pool, dropout, RMS norm) needs no graph.
+        with torch.no_grad():
+            out = block.transition(y)
+        return out, loss, (scores.detach().argmax(dim=1) == labels).sum()
 
 
 def param_groups(

@@ -5,13 +5,15 @@ no trainable weights: the adaptive grid size, the grid-pooled goodness vector, t
 scores, RMS pooling and the parameter-free per-sample RMS normalisation.
 """
 import math
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['grid_size', 'spatial_goodness', 'rms_norm', 'rms_pool2d', 'RmsNorm', 'FixedProjection']
+__all__ = [
+    'grid_size', 'spatial_goodness', 'relu_spatial_goodness', 'rms_norm', 'rms_pool2d', 'RmsNorm', 'FixedProjection',
+]
 
 # Added to the RMS before dividing so an all-zero map stays zero instead of NaN.
 _RMS_EPS = 1e-6
@@ -33,6 +35,11 @@ def grid_size(channels: int, ref_channels: int, alpha: float = 1.0) -> int:
     return max(1, int(round((ref_channels / channels) ** alpha)))
 
 
+def _float_square(x: torch.Tensor) -> torch.Tensor:
+    """``x ** 2`` in float32 as a new tensor, with one full-size temporary at most (none kept for autograd)."""
+    return x.square() if x.dtype == torch.float32 else x.float().square_()
+
+
 def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
     """Mean of ``y**2`` over each cell of a ``grid x grid`` partition of every channel, flattened channel-major.
 
@@ -48,10 +55,62 @@ def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(y.float().square(), grid).flatten(1)
 
 
+class _ReluSpatialGoodness(torch.autograd.Function):
+    """ReLU and spatial goodness as one autograd node that keeps only the ReLU output for its backward.
+
+    With ``y = relu(z)`` and ``g = pool(y**2)``: ``dL/dz = 2 * y * pool_backward(dL/dg)``; the ReLU mask needs no
+    separate step because ``y`` is zero wherever ``z <= 0``. Autograd's own graph would keep a float32 copy of ``y``
+    and the squares and build two more full-size gradients; this node builds one, in ``y``'s dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, grid: int):
+        # In place: the pre-activation is never needed again, and a copy would double the block's largest tensor.
+        y = z.relu_()
+        g = F.adaptive_avg_pool2d(_float_square(y), grid).flatten(1)
+        ctx.grid = grid
+        ctx.set_materialize_grads(False)  # y gets no gradient: no full-size zeros for it in backward
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(y)
+        ctx.mark_non_differentiable(y)
+        return y, g
+
+    @staticmethod
+    def backward(ctx, grad_y: Optional[torch.Tensor], grad_g: torch.Tensor):
+        (y,) = ctx.saved_tensors
+        grad_cells = grad_g.reshape(y.shape[0], y.shape[1], ctx.grid, ctx.grid).to(y.dtype)
+        grad_z = torch.ops.aten._adaptive_avg_pool2d_backward(grad_cells.contiguous(), y)
+        return grad_z.mul_(y).mul_(2), None
+
+
+def relu_spatial_goodness(z: torch.Tensor, grid: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``y = relu(z)`` and its spatial goodness ``g`` (float32), with a memory-lean backward through ``g`` only.
+
+    Gives the same values and gradients as ``y = F.relu(z); g = spatial_goodness(y, grid)``, but ``y`` is returned
+    without a gradient path (the local losses never differentiate through a block's output) and the backward keeps
+    only ``y``: what lets ``lean`` training run in a fraction of back-propagation's memory.
+
+    Args:
+        z: Pre-activation feature map (B, C, H, W), H and W at least ``grid``.
+        grid: Cells per side.
+
+    Returns:
+        ``y`` (B, C, H, W) in ``z``'s dtype, without grad, and the goodness vector (B, C * grid * grid).
+    """
+    if not torch.is_grad_enabled() or not z.requires_grad:
+        y = F.relu(z)
+        return y, spatial_goodness(y, grid)
+    return _ReluSpatialGoodness.apply(z, grid)
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Divide every sample by the root mean square of all its elements (no learned parameters)."""
-    rms = x.float().square().mean(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt()
-    return (x / (rms + _RMS_EPS)).to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        rms = x.float().square().mean(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt()
+        return (x / (rms + _RMS_EPS)).to(x.dtype)
+    # Without autograd (the local engine's transitions): one float32 temporary, result straight in x's dtype.
+    rms = _float_square(x).mean(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt_()
+    return x / (rms + _RMS_EPS).to(x.dtype)
 
 
 def rms_pool2d(x: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:

@@ -30,7 +30,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import checkpoint_filter_fn
-from ..goodness import FixedProjection, RmsNorm, check_choice, grid_size, rms_pool2d, spatial_goodness
+from ..goodness import (
+    FixedProjection, RmsNorm, check_choice, grid_size, relu_spatial_goodness, rms_pool2d, spatial_goodness,
+)
 
 __all__ = ['AsgeCnn', 'AsgeBlock', 'PREDICTIONS', 'POOL_TYPES']
 
@@ -86,6 +88,15 @@ class AsgeBlock(nn.Module):
 
     def goodness(self, y: torch.Tensor) -> torch.Tensor:
         return spatial_goodness(y, self.grid)
+
+    def local_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``features(x)`` (without a gradient path) and its class scores, for the block's local loss.
+
+        Same values as ``y = features(x); scores(y)``, but ReLU and goodness form one autograd node whose backward
+        keeps only ``y`` (see :func:`~timm_asge.goodness.relu_spatial_goodness`).
+        """
+        y, goodness = relu_spatial_goodness(self.conv(x), self.grid)
+        return y, self.proj(goodness)
 
     def scores(self, y: torch.Tensor) -> torch.Tensor:
         return self.proj(self.goodness(y))
