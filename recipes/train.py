@@ -28,7 +28,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -78,12 +78,17 @@ DEFAULTS: Dict[str, Any] = {
         'seed': 0,
         'cpu': False,
         'log_every': 50,  # steps between progress/log updates (and NaN checks)
-        'checkpoint_every': 0,  # steps between checkpoints; 0 = at each epoch end only
+        'checkpoint_every': 0,  # steps between checkpoints; 0 = at epoch ends only
+        'checkpoint_epochs': 1,  # epochs between end-of-epoch checkpoints and plots (the last epoch always saves)
         'keep_checkpoints': 2,
         'eval_batch_size': 1000,
         'channels_last': False,
+        'compile': False,  # torch.compile the training step: false, true, or a mode ('reduce-overhead', ...)
+        'test_every_epoch': False,  # also test every epoch, for the curve only (the best epoch is chosen on validation)
     },
 }
+
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
 class JsonlTracker(GeneralTracker):
@@ -116,7 +121,8 @@ class TrainState:
         self.epoch, self.batch, self.step = 0, 0, 0
         self.best_metric, self.best_epoch = -1.0, -1
         self.history: List[Dict[str, Any]] = []
-        self.train_time = 0.0
+        self.train_time = 0.0  # wall clock of the run, evaluation and checkpoints included
+        self.step_time = 0.0  # training steps alone (synchronised at epoch ends): what the speed figures use
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(vars(self))
@@ -342,6 +348,12 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, keep
     return str(final)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so host clocks measure it (a no-op on the CPU)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
 def latest_checkpoint(out: Path) -> Optional[Path]:
     found = sorted((out / 'checkpoints').glob('step_*'))
     return found[-1] if found else None
@@ -390,11 +402,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                          f"or 'bf16' (fp16 needs a loss scaler that lean mode's per-block backward cannot apply)")
     if train_cfg['mode'] not in ('fused', 'lean'):
         raise SystemExit(f"error: train.mode={train_cfg['mode']!r}; choose 'fused' or 'lean'")
+    dynamo_plugin = None  # accelerate's own default: none, or `accelerate launch --dynamo_backend ...`
+    if train_cfg['compile'] not in (False, None):
+        if train_cfg['compile'] is not True and train_cfg['compile'] not in COMPILE_MODES:
+            raise SystemExit(f"error: train.compile={train_cfg['compile']!r}; use false, true or a torch.compile "
+                             f"mode: {', '.join(COMPILE_MODES)}")
+        mode = None if train_cfg['compile'] is True else train_cfg['compile']
+        dynamo_plugin = TorchDynamoPlugin(backend='inductor', mode=mode)
+    if int(train_cfg['checkpoint_epochs']) < 1:
+        raise SystemExit(f"error: train.checkpoint_epochs={train_cfg['checkpoint_epochs']} must be at least 1")
 
     accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=train_cfg['mixed_precision'],
                               log_with=[JsonlTracker(out / 'log.jsonl')] + (['tensorboard'] if _has_tensorboard()
                                                                            else []),
-                              project_dir=str(out),
+                              project_dir=str(out), dynamo_plugin=dynamo_plugin,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -440,14 +461,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         f"{num_blocks} blocks) on {data.sizes['train']} images ({data.sizes['validation']} validation, "
         f"{data.sizes['test']} test), {world} process(es) on {device}, {train_cfg['mode']} mode")
 
-    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc='train', dynamic_ncols=True)
+    # `disable` only where it must be set, so TQDM_DISABLE=1 can silence the bar in logs.
+    progress = tqdm(total=total_steps, initial=state.step, desc='train', dynamic_ncols=True,
+                    **({} if accelerator.is_local_main_process else {'disable': True}))
     start = time.perf_counter() - state.train_time
     stop = state.step >= total_steps
     while state.epoch < train_cfg['epochs'] and not stop:
         engine.train()
         correct_sum = torch.zeros(num_blocks + 1, device=device, dtype=torch.long)
         seen, window, window_start = 0, [], state.step
+        synchronize(device)
+        epoch_start = time.perf_counter()
         for batch, images, labels in data.train_batches(state.epoch, start=state.batch):
             if train_cfg['channels_last']:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -474,11 +498,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 progress.set_postfix(epoch=state.epoch + 1, loss=f'{losses[-1]:.3f}')
             if train_cfg['checkpoint_every'] and state.step % train_cfg['checkpoint_every'] == 0:
                 check_finite(accelerator, window, window_start, last_ckpt)
+                synchronize(device)
+                state.step_time += time.perf_counter() - epoch_start
                 state.train_time = time.perf_counter() - start
                 last_ckpt = save_checkpoint(accelerator, out, state, train_cfg['keep_checkpoints'])
+                epoch_start = time.perf_counter()
             if state.step >= total_steps:
                 stop = True
                 break
+        synchronize(device)
+        state.step_time += time.perf_counter() - epoch_start
         check_finite(accelerator, window, window_start, last_ckpt)
 
         # End of epoch (or of the step budget): per-block accuracy, best model, checkpoint, plot.
@@ -488,7 +517,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         metric = _strategy_metric(val_acc, config['model']['prediction'])
         record = {'epoch': state.epoch, 'step': state.step, 'train_block_acc': train_acc[:-1].tolist(),
                   'train_fusion_acc': train_acc[-1].item(), 'val_block_acc': val_acc[:-1].tolist(),
-                  'val_fusion_acc': val_acc[-1].item(), 'time_s': time.perf_counter() - start}
+                  'val_fusion_acc': val_acc[-1].item(), 'step_time_s': state.step_time,
+                  'time_s': time.perf_counter() - start}
+        if train_cfg['test_every_epoch']:
+            test_acc = evaluate_split(accelerator, model, data, 'test')
+            record.update(test_block_acc=test_acc[:-1].tolist(), test_fusion_acc=test_acc[-1].item())
         state.history.append(record)
         accelerator.log({f'val/block{b + 1}': a for b, a in enumerate(record['val_block_acc'])}
                         | {'val/fusion': record['val_fusion_acc'], 'epoch': state.epoch + 1}, step=state.step)
@@ -500,14 +533,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             state.best_metric, state.best_epoch = metric, state.epoch
             if accelerator.is_main_process:
                 save_pretrained(accelerator.unwrap_model(engine).model, out / 'best', label_names=data.label_names)
-        if accelerator.is_main_process:
+        last_epoch = stop or state.epoch + 1 >= train_cfg['epochs']
+        save = last_epoch or (state.epoch + 1) % train_cfg['checkpoint_epochs'] == 0
+        if save and accelerator.is_main_process:
             plot_history(state.history, out / 'block_accuracy.png', num_blocks)
-        if stop and state.batch < steps_per_epoch:
-            state.train_time = time.perf_counter() - start
-        else:
+        if not (stop and state.batch < steps_per_epoch):
             state.epoch, state.batch = state.epoch + 1, 0
-            state.train_time = time.perf_counter() - start
-        last_ckpt = save_checkpoint(accelerator, out, state, train_cfg['keep_checkpoints'])
+        state.train_time = time.perf_counter() - start
+        if save:
+            last_ckpt = save_checkpoint(accelerator, out, state, train_cfg['keep_checkpoints'])
     progress.close()
     accelerator.wait_for_everyone()
     results = finish(accelerator, config, args, out, model, state, data)
@@ -573,6 +607,7 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
         'epochs': state.epoch + (1 if state.batch else 0),
         'steps': state.step,
         'train_time_s': round(state.train_time, 2),
+        'step_time_s': round(state.step_time, 2),
         'best_epoch': state.best_epoch + 1,
         'best_block': best_block,
         'prediction': config['model']['prediction'],
@@ -580,6 +615,7 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
         'test_accuracy': accuracy,
         'test_block_accuracy': test_acc[:-1].tolist(),
         'strategies': {name: {'test_accuracy': accuracy[name], **costs[name]} for name in costs},
+        'history': state.history,
     }
     if accelerator.is_main_process:
         save_pretrained(model, out / 'export', label_names=data.label_names)

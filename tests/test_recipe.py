@@ -52,6 +52,8 @@ def test_digits_main_job(tmp_path):
     ('data.img_size=3', r'data.img_size=3 is too small for asge_cnn_tiny.*at least 4x4'),
     ('model.args.pool_type=max', "unknown pool_type 'max'"),
     ('train.mixed_precision=fp16', "mixed_precision='fp16' is not supported"),
+    ('train.compile=fastest', "train.compile='fastest'; use false, true or a torch.compile mode"),
+    ('train.checkpoint_epochs=0', 'checkpoint_epochs=0 must be at least 1'),
 ])
 def test_config_errors_stop_at_once(tmp_path, override, message):
     with pytest.raises(SystemExit, match=message):
@@ -60,6 +62,35 @@ def test_config_errors_stop_at_once(tmp_path, override, message):
         # VGG8 needs 16x16 for its four down-sampling steps.
         with pytest.raises(SystemExit, match='data.img_size=8 is too small for asge_cnn.*at least 16x16'):
             recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'model.name=asge_cnn', 'data.img_size=8'])
+
+
+def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path):
+    results = recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'train.epochs=3', 'train.checkpoint_epochs=2',
+                           'train.test_every_epoch=true'])
+    # 21 steps per epoch: a checkpoint after epoch 2 and, as the last epoch always saves, after epoch 3; not after 1.
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step_00000042', 'step_00000063']
+    history = results['history']
+    assert [h['epoch'] for h in history] == [0, 1, 2]
+    assert all(0 <= h['test_fusion_acc'] <= 1 and len(h['test_block_acc']) == 4 for h in history)
+    step_times = [h['step_time_s'] for h in history]
+    assert 0 < step_times[0] < step_times[1] < step_times[2] == pytest.approx(results['step_time_s'], abs=0.01)
+    assert all(h['step_time_s'] < h['time_s'] for h in history)  # evaluation and checkpoints are not step time
+    assert json.loads((tmp_path / 'results.json').read_text())['history'] == history
+
+
+def test_compiled_channels_last_training_matches_eager(tmp_path):
+    """``train.compile`` (torch.compile through accelerate) with channels_last trains the eager step's weights."""
+    common = ['--config', DIGITS, 'train.epochs=1', 'train.max_steps=4', 'model.args.drop_rate=0.0']
+    recipe.main(common + [f'output_dir={tmp_path / "eager"}'])
+    proc = run_recipe(*common, f'output_dir={tmp_path / "compiled"}', 'train.compile=true', 'train.channels_last=true',
+                      timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    eager = load_file(tmp_path / 'eager' / 'export' / 'model.safetensors')
+    compiled = load_file(tmp_path / 'compiled' / 'export' / 'model.safetensors')
+    assert eager.keys() == compiled.keys()
+    # AdamW turns float rounding in tiny gradients into differences far below one step (lr 2e-3).
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4, msg=lambda m: f'{key}: {m}')
 
 
 def test_dataset_errors(tmp_path):

@@ -29,10 +29,11 @@ MODES = ('fused', 'lean')
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:
     """Raise a ValueError if a label lies outside ``[0, num_classes)``.
 
-    On the CPU the check is immediate. On an accelerator it is an asynchronous device assert (no host sync in the
-    training step); the recipe also checks every label once, on the host, when it loads the data.
+    On the CPU the check is immediate. On an accelerator, and inside ``torch.compile``, it is an asynchronous device
+    assert (no host sync or graph break in the training step); the recipe also checks every label once, on the host,
+    when it loads the data.
     """
-    if labels.device.type == 'cpu':
+    if labels.device.type == 'cpu' and not torch.compiler.is_compiling():
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
             raise ValueError(

@@ -66,14 +66,14 @@ class _ReluSpatialGoodness(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, grid: int):
         # In place: the pre-activation is never needed again, and a copy would double the block's largest tensor.
-        y = z.relu_()
-        g = F.adaptive_avg_pool2d(_float_square(y), grid).flatten(1)
+        z.relu_()
+        g = F.adaptive_avg_pool2d(_float_square(z), grid).flatten(1)
         ctx.grid = grid
         ctx.set_materialize_grads(False)  # y gets no gradient: no full-size zeros for it in backward
         ctx.mark_dirty(z)
-        ctx.save_for_backward(y)
-        ctx.mark_non_differentiable(y)
-        return y, g
+        ctx.save_for_backward(z)
+        ctx.mark_non_differentiable(z)
+        return z, g
 
     @staticmethod
     def backward(ctx, grad_y: Optional[torch.Tensor], grad_g: torch.Tensor):

@@ -16,6 +16,7 @@ Command line::
     python -m timm_asge.hub table --write README.md
 """
 import argparse
+import copy
 import json
 import logging
 import math
@@ -99,6 +100,9 @@ def save_pretrained(
     pretrained=True)`` or ``'hf-hub:<org>/<name>'`` rebuilds the same network. Weights are safetensors only.
     """
     model_config = {'label_names': list(label_names)} if label_names else None
+    if not all(t.is_contiguous() for t in model.state_dict().values()):
+        # Trained in channels_last: safetensors stores row-major tensors only, so save a row-major copy.
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     with atomic_dir(directory) as tmp:
         save_for_hf(
             model, tmp, model_config=model_config, model_args=model.architecture_args(), safe_serialization=True)
