@@ -20,7 +20,8 @@ script, not a measurement (CPU memory there is live tensor bytes, counted at dis
 
 Usage:
     python bench/gpu_suite.py                     # on the GPU machine: ~2-4 min without --compile
-    python bench/gpu_suite.py --compile           # also torch.compile each block (adds compile time per run)
+    python bench/gpu_suite.py --compile           # torch.compile the step's forward (adds compile time per run)
+    python bench/gpu_suite.py --compile --compile-mode reduce-overhead   # ... with CUDA graphs
     python bench/gpu_suite.py --toy               # CPU smoke test
 """
 import argparse
@@ -83,6 +84,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if any(ret.alias_info is not None for ret in func._schema.returns):
+            return out  # a view or an in-place/out= result: no new memory, maybe of a storage made before the mode
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 storage = tensor.untyped_storage()
@@ -126,15 +129,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _compile_blocks(model: torch.nn.Module) -> None:
-    """Compile the pieces both engines call (block features, scores, transition; the read-out head)."""
-    for block in model.stages:
-        block.features = torch.compile(block.features)
-        block.scores = torch.compile(block.scores)
-        block.transition = torch.compile(block.transition)
-    model.head = torch.compile(model.head)
-
-
 def build(args, variant: str, batch_size: int, device: torch.device):
     """Fresh model, fused AdamW, synthetic batch and a ``step()`` closure for one (variant, batch size)."""
     torch.manual_seed(0)
@@ -142,25 +136,26 @@ def build(args, variant: str, batch_size: int, device: torch.device):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.channels_last:
         model = model.to(memory_format=memory_format)
-    if args.compile:
-        torch._dynamo.reset()  # each run compiles its own model; stale guards from the previous run only cost time
-        _compile_blocks(model)
     # Fused AdamW exists on CUDA and (torch >= 2.4) on the CPU.
     optimizer = torch.optim.AdamW(param_groups(model, lr=2e-4, weight_decay=1e-3), fused=True)
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(batch_size, *args.input_size, generator=generator)
     images = images.to(device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, model.num_classes, (batch_size,), generator=generator).to(device)
-    learner = LocalLearner(model, variant) if variant != 'backprop' else None
+    # What is compiled is what the recipe's train.compile compiles: the whole learner (or, for backprop, the model).
+    forward = LocalLearner(model, variant) if variant != 'backprop' else model
+    if args.compile:
+        torch._dynamo.reset()  # each run compiles its own model; stale guards from the previous run only cost time
+        forward = torch.compile(forward, mode=args.compile_mode)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             if variant == 'backprop':
-                loss = F.cross_entropy(model(images), labels)
+                loss = F.cross_entropy(forward(images), labels)
             else:
-                loss = learner(images, labels)['loss']  # lean: already backpropagated block by block
+                loss = forward(images, labels)['loss']  # lean: already backpropagated block by block
         if variant != 'lean':
             loss.backward()
         optimizer.step()
@@ -254,7 +249,8 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=None, help='timed steps, default 20 (2 with --toy)')
     parser.add_argument('--no-amp', dest='amp', action='store_false', help='float32 instead of bf16 autocast')
     parser.add_argument('--no-channels-last', dest='channels_last', action='store_false')
-    parser.add_argument('--compile', action='store_true', help='torch.compile block features/scores/transition')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the learner (backprop: the model)')
+    parser.add_argument('--compile-mode', default=None, help="torch.compile mode, e.g. 'reduce-overhead'")
     parser.add_argument('--no-profile', dest='profile', action='store_false')
     parser.add_argument('--profile-rows', type=int, default=15)
     parser.add_argument('--peak-tflops', type=float, default=None, help='override the peak bf16 TFLOP/s of the card')
@@ -272,8 +268,8 @@ def main() -> None:
     if device.type != 'cuda' and not toy:
         parser.error('no CUDA device: run with --toy for the CPU smoke test, or on the GPU machine')
     if args.compile:
-        # Every block shares AsgeBlock's code objects, so the default recompile limit (8) would silently fall back
-        # to eager after the 8th block/batch-size combination.
+        # Lean mode's graph breaks give every block its own frames on shared code objects; the default recompile
+        # limit (8) would silently fall back to eager after the 8th.
         for name in ('recompile_limit', 'cache_size_limit'):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, 256)
@@ -300,7 +296,8 @@ def main() -> None:
 
     settings = (f"{args.model} {'x'.join(map(str, args.input_size))}, {'bf16 autocast' if args.amp else 'fp32'}, "
                 f"{'channels_last' if args.channels_last else 'NCHW'}, fused AdamW"
-                f"{', torch.compile' if args.compile else ''}; {args.warmup} warm-up + {args.steps} timed steps")
+                f"{', torch.compile' if args.compile else ''}{' ' + args.compile_mode if args.compile_mode else ''}; "
+                f"{args.warmup} warm-up + {args.steps} timed steps")
     print(f'\n{device_name}: {settings}')
     print(f"peak bf16: {peak / 1e12:.0f} TFLOP/s" if peak else 'peak FLOP/s unknown: utilisation not computed')
     print('\n(a) throughput, (b) peak step memory, (c) FLOP utilisation')
@@ -328,8 +325,8 @@ def main() -> None:
         ),
         settings=dict(
             model=args.model, input_size=list(args.input_size), amp_bf16=args.amp, channels_last=args.channels_last,
-            compile=args.compile, fused_adamw=True, warmup=args.warmup, steps=args.steps,
-            memory_batch=args.memory_batch, peak_flops=peak,
+            compile=args.compile, compile_mode=args.compile_mode, fused_adamw=True, warmup=args.warmup,
+            steps=args.steps, memory_batch=args.memory_batch, peak_flops=peak,
         ),
         results=rows,
         profiles=[{k: v for k, v in p.items() if k != 'table'} for p in profiles],

@@ -79,8 +79,8 @@ def main() -> None:
     for row in rows:
         backprop = next(r for r in rows if r['precision'] == row['precision'] and r['variant'] == 'backprop')
         row['ratio_to_backprop'] = row['peak_step_mib'] / backprop['peak_step_mib']
-        print(f"{row['precision']:<14} {row['variant']:<9} {row['peak_step_mib']:>9.1f} {row['ratio_to_backprop']:>10.2f} "
-              f"{row['analytic_activation_mib_fp32']:>22.1f}")
+        print(f"{row['precision']:<14} {row['variant']:<9} {row['peak_step_mib']:>9.1f} "
+              f"{row['ratio_to_backprop']:>10.2f} {row['analytic_activation_mib_fp32']:>22.1f}")
         if row['variant'] == 'lean':
             verdicts[row['precision']] = row['ratio_to_backprop'] <= 0.5
     print('\ntarget, lean <= 0.5 x backprop: '

@@ -35,39 +35,54 @@ def grid_size(channels: int, ref_channels: int, alpha: float = 1.0) -> int:
     return max(1, int(round((ref_channels / channels) ** alpha)))
 
 
-def _float_square(x: torch.Tensor) -> torch.Tensor:
-    """``x ** 2`` in float32 as a new tensor, with one full-size temporary at most (none kept for autograd)."""
-    return x.square() if x.dtype == torch.float32 else x.float().square_()
+def _cells(y: torch.Tensor, grid: int) -> Optional[torch.Tensor]:
+    """``y`` (B, C, H, W) viewed as (B, C, P, H/P, P, W/P), or None if the cells are not all the same size.
+
+    Splitting a dimension is always a view, whatever the memory format (channels_last included): no copy.
+    """
+    height, width = y.shape[-2:]
+    if height % grid or width % grid:
+        return None
+    return y.unflatten(-2, (grid, height // grid)).unflatten(-1, (grid, width // grid))
 
 
 def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
     """Mean of ``y**2`` over each cell of a ``grid x grid`` partition of every channel, flattened channel-major.
 
-    Computed in float32 whatever the input dtype: squares of bf16 activations lose too much precision.
+    Accumulated in float32 whatever the input dtype (squares of bf16 activations lose too much precision), in one
+    reduction over a view of ``y`` when the grid divides the map, so no full-size temporary is made. Cells of
+    unequal size follow PyTorch's adaptive pooling.
 
     Args:
         y: Feature map (B, C, H, W), H and W at least ``grid``.
         grid: Cells per side.
 
     Returns:
-        Goodness vector (B, C * grid * grid).
+        Goodness vector (B, C * grid * grid), float32 (float64 for float64 input).
     """
-    return F.adaptive_avg_pool2d(y.float().square(), grid).flatten(1)
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    cells = _cells(y, grid)
+    if cells is None:
+        return F.adaptive_avg_pool2d(y.to(dtype).square(), grid).flatten(1)
+    area = cells.shape[-3] * cells.shape[-1]
+    return (torch.linalg.vector_norm(cells, dim=(-3, -1), dtype=dtype).square() / area).flatten(1)
 
 
 class _ReluSpatialGoodness(torch.autograd.Function):
     """ReLU and spatial goodness as one autograd node that keeps only the ReLU output for its backward.
 
-    With ``y = relu(z)`` and ``g = pool(y**2)``: ``dL/dz = 2 * y * pool_backward(dL/dg)``; the ReLU mask needs no
-    separate step because ``y`` is zero wherever ``z <= 0``. Autograd's own graph would keep a float32 copy of ``y``
-    and the squares and build two more full-size gradients; this node builds one, in ``y``'s dtype.
+    With ``y = relu(z)`` and ``g = cell_mean(y**2)``: ``dL/dz = y * broadcast(2 / area * dL/dg)``, one multiply; the
+    ReLU mask needs no separate step because ``y`` is zero wherever ``z <= 0``. Autograd's own graph would keep a
+    float32 copy of ``y`` and the squares and build several full-size gradients; this node builds one, in ``y``'s
+    dtype and memory format.
     """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, grid: int):
         # In place: the pre-activation is never needed again, and a copy would double the block's largest tensor.
         z.relu_()
-        g = F.adaptive_avg_pool2d(_float_square(z), grid).flatten(1)
+        with torch.no_grad():
+            g = spatial_goodness(z, grid)
         ctx.grid = grid
         ctx.set_materialize_grads(False)  # y gets no gradient: no full-size zeros for it in backward
         ctx.mark_dirty(z)
@@ -78,9 +93,17 @@ class _ReluSpatialGoodness(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Optional[torch.Tensor], grad_g: torch.Tensor):
         (y,) = ctx.saved_tensors
-        grad_cells = grad_g.reshape(y.shape[0], y.shape[1], ctx.grid, ctx.grid).to(y.dtype)
-        grad_z = torch.ops.aten._adaptive_avg_pool2d_backward(grad_cells.contiguous(), y)
-        return grad_z.mul_(y).mul_(2), None
+        batch, channels, height, width = y.shape
+        grid = ctx.grid
+        grad_cells = grad_g.reshape(batch, channels, grid, grid)
+        cells = _cells(y, grid)
+        if cells is None:
+            grad_z = torch.ops.aten._adaptive_avg_pool2d_backward(grad_cells.to(y.dtype).contiguous(), y)
+            return grad_z.mul_(y).mul_(2), None
+        scale = (grad_cells * (2 / (cells.shape[-3] * cells.shape[-1]))).to(y.dtype)[:, :, :, None, :, None]
+        grad_z = torch.empty_like(y)
+        torch.mul(cells, scale, out=_cells(grad_z, grid))
+        return grad_z, None
 
 
 def relu_spatial_goodness(z: torch.Tensor, grid: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +131,11 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         rms = x.float().square().mean(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt()
         return (x / (rms + _RMS_EPS)).to(x.dtype)
-    # Without autograd (the local engine's transitions): one float32 temporary, result straight in x's dtype.
-    rms = _float_square(x).mean(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt_()
+    # Without autograd (the engine's transitions, inference): one float32-accumulated reduction, no full-size
+    # temporary, and the result straight in x's dtype.
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=dtype)
+    rms = norm / math.sqrt(math.prod(x.shape[1:]))
     return x / (rms + _RMS_EPS).to(x.dtype)
 
 
