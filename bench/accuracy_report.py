@@ -17,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from cpu_throughput import write_record  # bench/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 # Published ASGE test accuracy (%) and the targets on our data copies (CIFAR-10: JPEG copy, 3.3 points less).
 PAPER = {'fashion_mnist': 93.41, 'mnist': 99.65, 'cifar10': 90.62, 'cifar100': 65.42}
@@ -91,9 +93,7 @@ def main() -> None:
     if args.out:
         record = dict(command=' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
                       date=datetime.now(timezone.utc).isoformat(timespec='seconds'), runs=rows)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + '\n')
-        print(f'\nwrote {args.out}')
+        write_record(args.out, record)
 
 
 if __name__ == '__main__':

@@ -166,6 +166,24 @@ def _git(*args: str) -> str:
         return 'unknown'
 
 
+def commit() -> str:
+    """HEAD's hash; where the checkout came without .git (the GPU machine), ``$TIMM_ASGE_COMMIT``."""
+    return os.environ.get('TIMM_ASGE_COMMIT') or _git('rev-parse', 'HEAD')
+
+
+def dirty() -> Optional[bool]:
+    """Whether the tree has uncommitted changes (None where git cannot tell)."""
+    status = _git('status', '--porcelain')
+    return None if status == 'unknown' else bool(status)
+
+
+def write_record(out: Path, record: Dict[str, Any]) -> None:
+    """Write a benchmark's JSON record (creating bench/results/ if needed) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + '\n')
+    print(f'wrote {out}')
+
+
 def environment(device: str) -> Dict[str, Any]:
     """Machine, versions, commit and command of this run, for the JSON record."""
     env = dict(
@@ -177,8 +195,8 @@ def environment(device: str) -> Dict[str, Any]:
         torch=torch.__version__,
         timm=timm.__version__,
         timm_asge=timm_asge.__version__,
-        commit=_git('rev-parse', 'HEAD'),
-        dirty=bool(_git('status', '--porcelain')),
+        commit=commit(),
+        dirty=dirty(),
         command=' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
         date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
         device=device,
@@ -248,9 +266,7 @@ def main() -> None:
           f"optimizer state. backprop = end-to-end cross-entropy through the 'fusion' read-out.")
     host = env['hostname'] or platform.machine()
     out = Path(args.out) if args.out else REPO / 'bench' / 'results' / f'cpu_throughput-{host}.json'
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({'environment': env, 'results': rows}, indent=2) + '\n')
-    print(f'wrote {out}')
+    write_record(out, {'environment': env, 'results': rows})
 
 
 if __name__ == '__main__':

@@ -25,7 +25,6 @@ Usage:
     python bench/gpu_suite.py --toy               # CPU smoke test
 """
 import argparse
-import json
 import platform
 import re
 import shlex
@@ -49,7 +48,7 @@ import timm_asge  # noqa: F401 (registers the asge_* models)
 from timm_asge import LocalLearner, param_groups
 from timm_asge.costs import training_activation_bytes, training_flops
 
-from cpu_throughput import _git  # bench/ is on sys.path when run as a script
+from cpu_throughput import commit, dirty, write_record  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ('fused', 'lean', 'backprop')
@@ -317,8 +316,8 @@ def main() -> None:
             timm=timm.__version__,
             timm_asge=timm_asge.__version__,
             cuda=torch.version.cuda,
-            commit=_git('rev-parse', 'HEAD'),
-            dirty=bool(_git('status', '--porcelain')),
+            commit=commit(),
+            dirty=dirty(),
             command=' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
             date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
             toy=toy,
@@ -333,9 +332,7 @@ def main() -> None:
     )
     tag = re.sub(r'[^A-Za-z0-9._-]+', '-', device_name).strip('-') + ('-toy' if toy else '')
     out = Path(args.out) if args.out else REPO / 'bench' / 'results' / f'gpu_suite-{tag}.json'
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + '\n')
-    print(f'\nwrote {out}')
+    write_record(out, record)
 
 
 if __name__ == '__main__':

@@ -17,7 +17,6 @@ Usage:
     python bench/step_memory.py --model asge_vgg11 --batch-size 64
 """
 import argparse
-import json
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -32,7 +31,7 @@ import timm_asge
 from timm_asge import engine
 from timm_asge.costs import training_activation_bytes
 
-from cpu_throughput import _git  # bench/ is on sys.path when run as a script
+from cpu_throughput import commit, dirty, write_record  # bench/ is on sys.path when run as a script
 from gpu_suite import VARIANTS, LiveTensorBytes, build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +89,7 @@ def main() -> None:
         environment=dict(
             method='FakeTensorMode + dispatch-level live storage bytes (no compute; device-independent count)',
             torch=torch.__version__, timm=timm.__version__, timm_asge=timm_asge.__version__,
-            commit=_git('rev-parse', 'HEAD'), dirty=bool(_git('status', '--porcelain')),
+            commit=commit(), dirty=dirty(),
             command=' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
             date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
         ),
@@ -100,9 +99,7 @@ def main() -> None:
         lean_at_most_half_of_backprop=verdicts,
     )
     out = Path(args.out) if args.out else REPO / 'bench' / 'results' / f'step_memory-{args.model}.json'
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + '\n')
-    print(f'wrote {out}')
+    write_record(out, record)
 
 
 if __name__ == '__main__':

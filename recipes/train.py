@@ -193,6 +193,9 @@ def describe_hardware(accelerator: Accelerator) -> str:
 
 
 def git_commit() -> Optional[str]:
+    """HEAD's hash; where the checkout came without .git (the GPU machine), ``$TIMM_ASGE_COMMIT``."""
+    if os.environ.get('TIMM_ASGE_COMMIT'):
+        return os.environ['TIMM_ASGE_COMMIT']
     try:
         root = Path(__file__).resolve().parent.parent
         return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,

@@ -140,9 +140,17 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_pool2d(x: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
-    """RMS pooling, ``sqrt(avg_pool(x**2))``, the down-sampling the paper describes."""
+    """RMS pooling, ``sqrt(avg_pool(x**2))``, the down-sampling the paper describes.
+
+    Non-overlapping ``kernel_size`` windows (a trailing odd row or column is dropped, as ``avg_pool2d`` does),
+    accumulated in float32 by one reduction over a view of ``x``: no full-size float32 temporary.
+    """
+    height, width = x.shape[-2] // kernel_size, x.shape[-1] // kernel_size
+    windows = x[..., :height * kernel_size, :width * kernel_size]
+    windows = windows.unflatten(-2, (height, kernel_size)).unflatten(-1, (width, kernel_size))
+    norm = torch.linalg.vector_norm(windows, dim=(-3, -1), dtype=torch.promote_types(x.dtype, torch.float32))
     # The epsilon keeps the gradient of sqrt finite where a whole window is zero (common after ReLU).
-    return (F.avg_pool2d(x.float().square(), kernel_size) + _RMS_EPS ** 2).sqrt().to(x.dtype)
+    return (norm.square() / kernel_size ** 2 + _RMS_EPS ** 2).sqrt().to(x.dtype)
 
 
 class RmsNorm(nn.Module):

@@ -11,6 +11,9 @@
 set -uo pipefail
 : "${OUT:=/tmp/out}"
 mkdir -p "$OUT"
+# The tree arrives without .git: name the commit (TIMM_ASGE_COMMIT=$(git rev-parse HEAD), from here) in the command.
+export TIMM_ASGE_COMMIT=${TIMM_ASGE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
+[ -n "$TIMM_ASGE_COMMIT" ] || echo "warning: no commit known; set TIMM_ASGE_COMMIT=<hash> in the command" >&2
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TIMM_ASGE_CACHE=/tmp/timm_asge_cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [ -d device_data/whl ] && ! python3 -c 'import datasets' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

@@ -1,0 +1,73 @@
+"""The benchmark tools measure what they say: the tensor-byte counter, the step-memory script, the accuracy report."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / 'bench'))
+from accuracy_report import first_epoch_at, summarise  # noqa: E402
+from gpu_suite import LiveTensorBytes  # noqa: E402
+
+
+def test_live_tensor_bytes_counts_allocations_not_views():
+    existing = torch.zeros(1000)
+    with FakeTensorMode():
+        x = torch.zeros(100, 100)
+        with LiveTensorBytes() as counter:
+            a = torch.empty(256, dtype=torch.float32)  # 1 KiB
+            b = torch.empty(512, dtype=torch.bfloat16)  # 1 KiB
+            del a
+            c = b.view(2, 256)[0]  # views and in-place results allocate nothing
+            c.mul_(2)
+            d = x.sum(dim=0)  # 400 bytes while b is alive: peak 1024 + 1024 before a was freed
+        assert counter.peak == 2048 and counter.live == 1024 + 400
+    with LiveTensorBytes() as counter:
+        existing[:10].add_(1)  # a view of memory made before the counter: not counted
+    assert counter.peak == 0
+    del b, c, d
+
+
+def test_step_memory_script_counts_every_variant_and_precision(tmp_path):
+    out = tmp_path / 'memory.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'bench' / 'step_memory.py'), '--model', 'asge_cnn_tiny',
+                           '--batch-size', '128', '--out', str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    rows = {(r['precision'], r['variant']): r for r in record['results']}
+    assert set(rows) == {(p, v) for p in ('fp32', 'bf16 autocast') for v in ('fused', 'lean', 'backprop')}
+    # bf16 autocast stores activations in half the bytes, and lean keeps one block's graph at a time.
+    for variant in ('fused', 'lean', 'backprop'):
+        assert rows['bf16 autocast', variant]['peak_step_mib'] < rows['fp32', variant]['peak_step_mib']
+    assert rows['fp32', 'lean']['peak_step_mib'] < rows['fp32', 'fused']['peak_step_mib']
+    assert record['environment']['commit'] and record['settings']['batch_size'] == 128
+
+
+def _results(tmp_path, test_acc, history):
+    results = {
+        'model': 'asge_cnn', 'hardware': '1 x NVIDIA H100', 'commit': 'abc', 'command': 'accelerate launch ...',
+        'dataset': {'name': 'fashion_mnist', 'splits': {'train': 50_000, 'validation': 10_000, 'test': 10_000}},
+        'recipe': {'train': {'batch_size': 512, 'lr': 4e-4, 'mixed_precision': 'bf16', 'compile': True,
+                             'channels_last': True, 'mode': 'fused'}},
+        'epochs': len(history), 'step_time_s': history[-1]['step_time_s'], 'train_time_s': history[-1]['time_s'],
+        'best_epoch': len(history), 'test_accuracy': test_acc, 'history': history,
+    }
+    path = tmp_path / 'results.json'
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_accuracy_report_reads_time_to_target_off_the_test_curve(tmp_path):
+    history = [dict(epoch=e, step_time_s=10.0 * (e + 1), time_s=12.0 * (e + 1), val_fusion_acc=acc,
+                    test_fusion_acc=acc) for e, acc in enumerate([0.90, 0.9340, 0.9341, 0.95])]
+    row = summarise(_results(tmp_path, {'fusion': 0.95, 'last': 0.94, 'best': 0.93}, history))
+    # 93.40 misses the paper's 93.41; the third epoch reaches it after 30 s of training steps.
+    assert row['time_to_target'] == {'epoch': 3, 'step_time_s': 30.0, 'wall_time_s': 36.0}
+    assert row['target_met'] and row['paper'] == 93.41
+    assert row['epoch_s'] == pytest.approx(10.0) and row['images_per_s'] == pytest.approx(5000.0)
+    assert first_epoch_at([dict(epoch=0, val_fusion_acc=0.99, time_s=1.0)], 93.41) is None  # no test curve recorded
