@@ -158,9 +158,8 @@ def training_activation_bytes(model: AsgeCnn, input_size: Tuple[int, int, int], 
     * ``'fused'``: every block's graph alive at once, plus the last block's output and the read-out:
       ``sum(G_l) + out_L + fusion_features + N``;
     * ``'backprop'``: end-to-end cross-entropy through ``model(x)`` with the ``fusion`` strategy. Per block: the conv
-      input, Y, for RMS down-sampling the window norms and the pooled map, for dropout its mask and output (both
-      float32 on the CPU; the CUDA mask is 1 byte, so this slightly over-counts there); then the read-out's input
-      and N.
+      input, Y, for RMS down-sampling Y**2 and the pooled map, for dropout its mask and output (both float32 on the
+      CPU; the CUDA mask is 1 byte, so this slightly over-counts there); then the read-out's input and N.
 
     A test checks this model against ``torch.autograd.graph.saved_tensors_hooks`` on ``asge_cnn_tiny``.
 
@@ -192,7 +191,7 @@ def training_activation_bytes(model: AsgeCnn, input_size: Tuple[int, int, int], 
         for block, s in zip(model.stages, shapes):
             peak += s['in'] + s['y']
             if block.downsample:
-                peak += 2 * s['out'] if block.pool_type == 'rms' else 0
+                peak += s['y'] + s['out'] if block.pool_type == 'rms' else 0
             if model.drop_rate > 0:
                 peak += 2 * s['out']
     return peak * _FLOAT32_BYTES

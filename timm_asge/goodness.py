@@ -17,6 +17,9 @@ __all__ = [
 
 # Added to the RMS before dividing so an all-zero map stays zero instead of NaN.
 _RMS_EPS = 1e-6
+# Goodness cells at least this large (16x16) are reduced over a view of the map. Measured on a CPU (fp32 and bf16):
+# 1.4-2.3x faster than pooling the squares at 16x16 cells, but 0.9-6x slower at 8x8 and smaller.
+_MIN_VIEW_CELL_AREA = 256
 
 
 def grid_size(channels: int, ref_channels: int, alpha: float = 1.0) -> int:
@@ -49,9 +52,10 @@ def _cells(y: torch.Tensor, grid: int) -> Optional[torch.Tensor]:
 def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
     """Mean of ``y**2`` over each cell of a ``grid x grid`` partition of every channel, flattened channel-major.
 
-    Accumulated in float32 whatever the input dtype (squares of bf16 activations lose too much precision), in one
-    reduction over a view of ``y`` when the grid divides the map, so no full-size temporary is made. Cells of
-    unequal size follow PyTorch's adaptive pooling.
+    Accumulated in float32 whatever the input dtype (squares of bf16 activations lose too much precision). Large
+    equal cells (16x16 and up: the biggest maps) are reduced in one pass over a view of ``y``, so no full-size
+    temporary is made; smaller or unequal cells go through adaptive pooling of the squares (reductions over small
+    strided windows are slow).
 
     Args:
         y: Feature map (B, C, H, W), H and W at least ``grid``.
@@ -62,7 +66,7 @@ def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
     """
     dtype = torch.promote_types(y.dtype, torch.float32)
     cells = _cells(y, grid)
-    if cells is None:
+    if cells is None or cells.shape[-3] * cells.shape[-1] < _MIN_VIEW_CELL_AREA:
         return F.adaptive_avg_pool2d(y.to(dtype).square(), grid).flatten(1)
     area = cells.shape[-3] * cells.shape[-1]
     return (torch.linalg.vector_norm(cells, dim=(-3, -1), dtype=dtype).square() / area).flatten(1)
@@ -140,17 +144,10 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_pool2d(x: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
-    """RMS pooling, ``sqrt(avg_pool(x**2))``, the down-sampling the paper describes.
-
-    Non-overlapping ``kernel_size`` windows (a trailing odd row or column is dropped, as ``avg_pool2d`` does),
-    accumulated in float32 by one reduction over a view of ``x``: no full-size float32 temporary.
-    """
-    height, width = x.shape[-2] // kernel_size, x.shape[-1] // kernel_size
-    windows = x[..., :height * kernel_size, :width * kernel_size]
-    windows = windows.unflatten(-2, (height, kernel_size)).unflatten(-1, (width, kernel_size))
-    norm = torch.linalg.vector_norm(windows, dim=(-3, -1), dtype=torch.promote_types(x.dtype, torch.float32))
-    # The epsilon keeps the gradient of sqrt finite where a whole window is zero (common after ReLU).
-    return (norm.square() / kernel_size ** 2 + _RMS_EPS ** 2).sqrt().to(x.dtype)
+    """RMS pooling, ``sqrt(avg_pool(x**2))``, the down-sampling the paper describes."""
+    # The epsilon keeps the gradient of sqrt finite where a whole window is zero (common after ReLU). Windows this
+    # small are pooled fastest by the pooling kernel, at the price of one full-size float32 temporary.
+    return (F.avg_pool2d(x.float().square(), kernel_size) + _RMS_EPS ** 2).sqrt().to(x.dtype)
 
 
 class RmsNorm(nn.Module):
