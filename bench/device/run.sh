@@ -6,7 +6,8 @@
 #   bench/device/run.sh train fashion_mnist [key=value ...]   # recipe on device_data/fashion_mnist, fast settings
 #
 # Writes what comes back into $OUT (flat: the device tool returns at most 8 files, two folders deep): the suite's
-# JSON, and per training run its results.json (history with per-epoch step time and test accuracy) and plot.
+# JSON, and per training run its log, results.json (history with per-epoch step time and test accuracy) and plot;
+# with RETURN_WEIGHTS=1 also the exported model (timm Hub layout) in 15 MiB parts.
 # The recipe's fast settings below are overridable by later key=value arguments.
 set -uo pipefail
 : "${OUT:=/tmp/out}"
@@ -39,6 +40,11 @@ case $stage in
       train.test_every_epoch=true train.eval_batch_size=2000 "$@" 2>&1 | tee "$OUT/$dataset.log" || exit 1
     cp "/tmp/runs/$dataset/results.json" "$OUT/$dataset-results.json"
     cp "/tmp/runs/$dataset/block_accuracy.png" "$OUT/$dataset-block_accuracy.png"
+    if [ "${RETURN_WEIGHTS:-0}" = 1 ]; then
+      # The tool returns files of at most 16 MiB (asge_cnn's weights are 37 MB): the export folder comes back as
+      # 15 MiB parts. Here: cat <dataset>-export.tar.part-* | tar -xf - -C outputs/<dataset>/
+      tar -C "/tmp/runs/$dataset" -cf - export | split -b 15m - "$OUT/$dataset-export.tar.part-"
+    fi
     ;;
   *)
     echo "unknown stage $stage: use suite or train" >&2
