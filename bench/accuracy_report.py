@@ -3,7 +3,8 @@
 Reads the ``results.json`` of ``recipes/train.py`` runs (with ``train.test_every_epoch=true`` the history holds a
 test accuracy per epoch, so the time to reach the paper's figure can be read off; the reported accuracy is still
 that of the best-validation epoch). Times are the recipe's ``step_time_s``: training steps only, synchronised at
-epoch ends, without evaluation or checkpoints (``time_s``, the wall clock, is printed beside it).
+epoch ends, without evaluation or checkpoints (``time_s``, the wall clock, is in the JSON beside it). ``s/epoch``
+averages the whole run, torch.compile's compilation included; ``steady`` is the median epoch after the first.
 
 Usage:
     python bench/accuracy_report.py outputs/fashion_mnist/results.json outputs/mnist/results.json
@@ -12,6 +13,7 @@ Usage:
 import argparse
 import json
 import shlex
+import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,16 +37,24 @@ def first_epoch_at(history: List[Dict[str, Any]], target: float) -> Optional[Dic
     return None
 
 
+def steady_epoch_s(history: List[Dict[str, Any]]) -> Optional[float]:
+    """Median training-step time of the epochs after the first (which also pays for torch.compile and warm-up)."""
+    times = [b['step_time_s'] - a['step_time_s'] for a, b in zip(history, history[1:])]
+    return statistics.median(times) if times else None
+
+
 def summarise(path: Path) -> Dict[str, Any]:
     results = json.loads(path.read_text())
     name = results['dataset']['name']
-    history = results.get('history', [])
+    # A run stopped mid-epoch and resumed records that epoch twice: keep the last record of each epoch.
+    history = list({record['epoch']: record for record in results.get('history', [])}.values())
     train_cfg = results['recipe']['train']
-    epochs = len(history) or results['epochs']
+    epochs = results['epochs']
     step_time = results.get('step_time_s')
     target = TARGET.get(name)
     reached = first_epoch_at(history, target) if target else None
-    images = results['dataset']['splits']['train'] * epochs
+    # Every step trains batch_size images per process (the epoch's last shard is padded to a full batch).
+    images = results['steps'] * train_cfg['batch_size'] * results.get('num_processes', 1)
     return dict(
         file=str(path), dataset=name, model=results['model'], hardware=results['hardware'], commit=results['commit'],
         command=results['command'], epochs=epochs, batch_size=train_cfg['batch_size'], lr=train_cfg['lr'],
@@ -54,7 +64,7 @@ def summarise(path: Path) -> Dict[str, Any]:
         best_epoch=results['best_epoch'], paper=PAPER.get(name), target=target,
         target_met=target is not None and 100 * results['test_accuracy']['fusion'] >= target,
         step_time_s=step_time, wall_time_s=results['train_time_s'],
-        epoch_s=step_time / epochs if step_time else None,
+        epoch_s=step_time / epochs if step_time else None, steady_epoch_s=steady_epoch_s(history),
         images_per_s=images / step_time if step_time else None,
         authors_epoch_s=AUTHORS_EPOCH_S.get(name),
         time_to_target=None if reached is None else dict(
@@ -76,7 +86,8 @@ def main() -> None:
     rows = [summarise(path) for path in args.results]
 
     header = (f"{'dataset':<14} {'epochs':>6} {'batch':>5} {'prec':>5} {'fusion %':>8} {'last %':>7} {'best %':>7} "
-              f"{'paper %':>7} {'target':>7} {'s/epoch':>8} {'authors s/ep':>12} {'img/s':>9} {'to target':>16}")
+              f"{'paper %':>7} {'target':>7} {'s/epoch':>8} {'steady':>7} {'authors s/ep':>12} {'img/s':>9} "
+              f"{'to target':>16}")
     print(header + '\n' + '-' * len(header))
     for r in rows:
         acc = r['test_accuracy']
@@ -86,7 +97,8 @@ def main() -> None:
         print(f"{r['dataset']:<14} {r['epochs']:>6} {r['batch_size']:>5} {r['mixed_precision']:>5} "
               f"{acc['fusion']:>8.2f} {acc['last']:>7.2f} {acc['best']:>7.2f} {_fmt(r['paper'], '.2f'):>7} "
               f"{('met' if r['target_met'] else 'NOT met') if r['target'] else '-':>7} {_fmt(r['epoch_s'], '.2f'):>8} "
-              f"{authors:>12} {_fmt(r['images_per_s'], ',.0f'):>9} {to_target:>16}")
+              f"{_fmt(r['steady_epoch_s'], '.2f'):>7} {authors:>12} {_fmt(r['images_per_s'], ',.0f'):>9} "
+              f"{to_target:>16}")
     for r in rows:
         print(f"\n{r['dataset']}: {r['hardware']}, commit {r['commit']}\n  {r['command']}\n"
               f"  validation (fusion) by epoch: {r['val_fusion_by_epoch']}")

@@ -123,6 +123,8 @@ def run_worker(model_name: str, variant: str, batch_size: int, warmup: int, step
             times.append(time.perf_counter() - start)
         return dict(result, step_times_s=times)
 
+    # The last step's gradients go before the baseline is read, so the step's own gradients count in its peak.
+    optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
@@ -168,12 +170,13 @@ def _git(*args: str) -> str:
 
 def commit() -> str:
     """HEAD's hash; where the checkout came without .git (the GPU machine), ``$TIMM_ASGE_COMMIT``."""
-    return os.environ.get('TIMM_ASGE_COMMIT') or _git('rev-parse', 'HEAD')
+    head = _git('rev-parse', 'HEAD')
+    return os.environ.get('TIMM_ASGE_COMMIT', head) if head == 'unknown' else head
 
 
 def dirty() -> Optional[bool]:
     """Whether the tree has uncommitted changes (None where git cannot tell)."""
-    status = _git('status', '--porcelain')
+    status = _git('status', '--porcelain', '--', '.', ':!bench/results')  # results written by this session's runs
     return None if status == 'unknown' else bool(status)
 
 

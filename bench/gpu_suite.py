@@ -166,6 +166,7 @@ def measure(args, variant: str, batch_size: int, device: torch.device, peak: Opt
     model, step = build(args, variant, batch_size, device)
     for _ in range(args.warmup):
         step()
+    model.zero_grad(set_to_none=True)  # so the step's own gradients count in its peak, not in the baseline
     meter = MemoryMeter(device)
     meter.start()
     step()

@@ -475,6 +475,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         seen, window, window_start = 0, [], state.step
         synchronize(device)
         epoch_start = time.perf_counter()
+        step_checkpoint = False
         for batch, images, labels in data.train_batches(state.epoch, start=state.batch):
             if train_cfg['channels_last']:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -499,7 +500,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 accelerator.log({'train/loss_block_last': losses[-2], 'train/loss_fusion': losses[-1],
                                  'lr': scheduler.get_last_lr()[0]}, step=state.step)
                 progress.set_postfix(epoch=state.epoch + 1, loss=f'{losses[-1]:.3f}')
-            if train_cfg['checkpoint_every'] and state.step % train_cfg['checkpoint_every'] == 0:
+            step_checkpoint = bool(train_cfg['checkpoint_every']) and state.step % train_cfg['checkpoint_every'] == 0
+            # On an epoch's last batch the step checkpoint waits for the epoch's end (evaluation, history), so a
+            # resumed run never re-enters a finished epoch.
+            if step_checkpoint and state.batch < steps_per_epoch:
                 check_finite(accelerator, window, window_start, last_ckpt)
                 synchronize(device)
                 state.step_time += time.perf_counter() - epoch_start
@@ -537,7 +541,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             if accelerator.is_main_process:
                 save_pretrained(accelerator.unwrap_model(engine).model, out / 'best', label_names=data.label_names)
         last_epoch = stop or state.epoch + 1 >= train_cfg['epochs']
-        save = last_epoch or (state.epoch + 1) % train_cfg['checkpoint_epochs'] == 0
+        save = last_epoch or (state.epoch + 1) % train_cfg['checkpoint_epochs'] == 0 or step_checkpoint
         if save and accelerator.is_main_process:
             plot_history(state.history, out / 'block_accuracy.png', num_blocks)
         if not (stop and state.batch < steps_per_epoch):

@@ -341,6 +341,23 @@ def test_load_into_three_channels(exported, x):
         torch.testing.assert_close(adapted(x.expand(-1, 3, -1, -1)), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('in_chans', [1, 3, 4])
+def test_first_conv_adaptation_on_older_timm(exported, monkeypatch, in_chans):
+    """timm < 1.0.30 converts first convs only from 3 channels; the filter hands it weights it can convert."""
+    from timm.models import adapt_input_conv
+    from timm_asge import checkpoint
+
+    model, _, out = exported
+    monkeypatch.setattr(checkpoint, '_TIMM_ADAPTS_ANY_CHANNELS', False)
+    grey = load_file(out / 'model.safetensors')['stages.0.conv.weight']  # (32, 1, 3, 3)
+    target = timm.create_model(f'local-dir:{out}', in_chans=in_chans)
+    filtered = checkpoint_filter_fn(load_file(out / 'model.safetensors'), target)['stages.0.conv.weight']
+    # What old timm then does: nothing for 3 channels, else adapt_input_conv from 3 (its only source count).
+    loaded = filtered if in_chans == 3 else adapt_input_conv(in_chans, filtered)
+    # Grey images copied to every channel give the original response: the weights are shared out evenly.
+    torch.testing.assert_close(loaded, grey.expand(-1, in_chans, -1, -1) / in_chans)
+
+
 # --- safety --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture

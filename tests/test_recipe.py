@@ -78,6 +78,19 @@ def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path):
     assert json.loads((tmp_path / 'results.json').read_text())['history'] == history
 
 
+def test_step_checkpoint_on_an_epochs_last_batch_resumes_into_the_next_epoch(tmp_path):
+    """A step checkpoint due on an epoch's last batch is taken after the epoch's evaluation, not before it."""
+    args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.epochs=2', 'train.checkpoint_every=21',
+            'train.checkpoint_epochs=2', 'train.keep_checkpoints=3']
+    full = recipe.main(args)  # 21 steps per epoch
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step_00000021', 'step_00000042']
+    resumed = recipe.main(args + ['--resume', str(tmp_path / 'checkpoints' / 'step_00000021')])
+    assert [h['epoch'] for h in resumed['history']] == [0, 1]
+    for got, want in zip(resumed['history'], full['history']):
+        assert got['train_fusion_acc'] == want['train_fusion_acc'] > 0
+        assert got['val_block_acc'] == want['val_block_acc']
+
+
 def test_compiled_channels_last_training_matches_eager(tmp_path):
     """``train.compile`` (torch.compile through accelerate) with channels_last trains the eager step's weights."""
     common = ['--config', DIGITS, 'train.epochs=1', 'train.max_steps=4', 'model.args.drop_rate=0.0']

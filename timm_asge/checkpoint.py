@@ -205,8 +205,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         elif key in first_conv_keys and got.ndim == want.ndim == 4 and got.shape[0] == want.shape[0] \
                 and got.shape[2:] == want.shape[2:]:
             if got.shape[1] != 3 and not _TIMM_ADAPTS_ANY_CHANNELS:
-                # Older timm adapts only 3-channel first convs: adapt the others here, by the rule newer timm applies.
-                state_dict[key] = _adapt_input_channels(got, want.shape[1])
+                # Older timm converts first convs from 3 channels only (and leaves 3-channel models alone): bring
+                # other weights to the model's 1 or 3 channels here, or to 3 for timm to convert further.
+                target = want.shape[1] if want.shape[1] in (1, 3) else 3
+                state_dict[key] = _adapt_input_channels(got, target)
             continue  # timm adapts the input channels of the first conv (in_chans)
         else:
             mismatched.append(f'{key}: checkpoint {tuple(got.shape)}, model {tuple(want.shape)}')

@@ -30,8 +30,8 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
     """Raise a ValueError if a label lies outside ``[0, num_classes)``.
 
     On the CPU the check is immediate. On an accelerator, and inside ``torch.compile``, it is an asynchronous device
-    assert (no host sync or graph break in the training step); the recipe also checks every label once, on the host,
-    when it loads the data.
+    assert (no host sync or graph break in the training step) that fails later with a RuntimeError; the recipe also
+    checks every label once, on the host, when it loads the data, with a clear message.
     """
     if labels.device.type == 'cpu' and not torch.compiler.is_compiling():
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):

@@ -38,6 +38,11 @@ def grid_size(channels: int, ref_channels: int, alpha: float = 1.0) -> int:
     return max(1, int(round((ref_channels / channels) ** alpha)))
 
 
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 input. (Not ``torch.promote_types``: torch.compile breaks its graph there.)"""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _cells(y: torch.Tensor, grid: int) -> Optional[torch.Tensor]:
     """``y`` (B, C, H, W) viewed as (B, C, P, H/P, P, W/P), or None if the cells are not all the same size.
 
@@ -64,7 +69,7 @@ def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
     Returns:
         Goodness vector (B, C * grid * grid), float32 (float64 for float64 input).
     """
-    dtype = torch.promote_types(y.dtype, torch.float32)
+    dtype = _accumulation_dtype(y)
     cells = _cells(y, grid)
     if cells is None or cells.shape[-3] * cells.shape[-1] < _MIN_VIEW_CELL_AREA:
         return F.adaptive_avg_pool2d(y.to(dtype).square(), grid).flatten(1)
@@ -105,17 +110,18 @@ class _ReluSpatialGoodness(torch.autograd.Function):
             grad_z = torch.ops.aten._adaptive_avg_pool2d_backward(grad_cells.to(y.dtype).contiguous(), y)
             return grad_z.mul_(y).mul_(2), None
         scale = (grad_cells * (2 / (cells.shape[-3] * cells.shape[-1]))).to(y.dtype)[:, :, :, None, :, None]
-        grad_z = torch.empty_like(y)
-        torch.mul(cells, scale, out=_cells(grad_z, grid))
-        return grad_z, None
+        # The product keeps y's memory format, so folding the cells back is a view (and traceable by torch.compile).
+        return (cells * scale).reshape(y.shape), None
 
 
 def relu_spatial_goodness(z: torch.Tensor, grid: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``y = relu(z)`` and its spatial goodness ``g`` (float32), with a memory-lean backward through ``g`` only.
 
-    Gives the same values and gradients as ``y = F.relu(z); g = spatial_goodness(y, grid)``, but ``y`` is returned
-    without a gradient path (the local losses never differentiate through a block's output) and the backward keeps
-    only ``y``: what lets ``lean`` training run in a fraction of back-propagation's memory.
+    Gives the values and gradients of ``y = F.relu(z); g = spatial_goodness(y, grid)`` (in bf16 the gradient is
+    rounded once more), but ``y`` is returned without a gradient path (the local losses never differentiate through
+    a block's output) and the backward keeps only ``y``: what lets ``lean`` training run in a fraction of
+    back-propagation's memory. The ReLU runs in place on ``z`` when ``z`` is an intermediate result of its own (a
+    conv output); a leaf or a view is copied first, so the caller's tensor is never changed.
 
     Args:
         z: Pre-activation feature map (B, C, H, W), H and W at least ``grid``.
@@ -127,6 +133,8 @@ def relu_spatial_goodness(z: torch.Tensor, grid: int) -> Tuple[torch.Tensor, tor
     if not torch.is_grad_enabled() or not z.requires_grad:
         y = F.relu(z)
         return y, spatial_goodness(y, grid)
+    if z.is_leaf or z._base is not None:
+        z = z.clone()
     return _ReluSpatialGoodness.apply(z, grid)
 
 
@@ -136,8 +144,9 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
         rms = x.float().square().mean(dim=tuple(range(1, x.ndim)), keepdim=True).sqrt()
         return (x / (rms + _RMS_EPS)).to(x.dtype)
     # Without autograd (the engine's transitions, inference): one float32-accumulated reduction, no full-size
-    # temporary, and the result straight in x's dtype.
-    dtype = torch.promote_types(x.dtype, torch.float32)
+    # temporary, and the result straight in x's dtype (in bf16 the divisor is rounded to bf16: a per-sample scale
+    # within 0.4% of the exact one).
+    dtype = _accumulation_dtype(x)
     norm = torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=dtype)
     rms = norm / math.sqrt(math.prod(x.shape[1:]))
     return x / (rms + _RMS_EPS).to(x.dtype)

@@ -10,8 +10,9 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 shared=${TIMM_ASGE_SHARED_DATA:-../shared/data}
-mkdir -p .git/info device_data/whl
-grep -qxF '/device_data/' .git/info/exclude 2>/dev/null || echo '/device_data/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)  # also right in a worktree, where .git is a file
+mkdir -p "$(dirname "$exclude")" device_data/whl
+grep -qxF '/device_data/' "$exclude" 2>/dev/null || echo '/device_data/' >> "$exclude"
 if [ -z "$(ls device_data/whl 2>/dev/null)" ]; then
   # datasets 5.0 still accepts huggingface_hub 1.x (the GPU machine has 1.33); Python there is 3.12.
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

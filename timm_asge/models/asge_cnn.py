@@ -93,7 +93,8 @@ class AsgeBlock(nn.Module):
         """``features(x)`` (without a gradient path) and its class scores, for the block's local loss.
 
         Same values as ``y = features(x); scores(y)``, but ReLU and goodness form one autograd node whose backward
-        keeps only ``y`` (see :func:`~timm_asge.goodness.relu_spatial_goodness`).
+        keeps only ``y`` (see :func:`~timm_asge.goodness.relu_spatial_goodness`); forward hooks on ``act`` do not
+        run here.
         """
         y, goodness = relu_spatial_goodness(self.conv(x), self.grid)
         return y, self.proj(goodness)
