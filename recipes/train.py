@@ -194,14 +194,12 @@ def describe_hardware(accelerator: Accelerator) -> str:
 
 def git_commit() -> Optional[str]:
     """HEAD's hash; where the checkout came without .git (the GPU machine), ``$TIMM_ASGE_COMMIT``."""
-    if os.environ.get('TIMM_ASGE_COMMIT'):
-        return os.environ['TIMM_ASGE_COMMIT']
     try:
         root = Path(__file__).resolve().parent.parent
         return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get('TIMM_ASGE_COMMIT') or None
 
 
 class RecipeData:

@@ -343,7 +343,7 @@ def test_load_into_three_channels(exported, x):
 
 @pytest.mark.parametrize('in_chans', [1, 3, 4])
 def test_first_conv_adaptation_on_older_timm(exported, monkeypatch, in_chans):
-    """timm < 1.0.30 converts first convs only from 3 channels; the filter hands it weights it can convert."""
+    """Older timm (1.0.29) converts first convs only from 3 channels; the filter hands it weights it can convert."""
     from timm.models import adapt_input_conv
     from timm_asge import checkpoint
 

@@ -32,7 +32,8 @@ WEIGHTS_NAME = 'model.safetensors'
 UNSAFE_SUFFIXES = ('.bin', '.pt', '.pth', '.pkl', '.pickle', '.ckpt', '.tar')
 # Architecture options a loader may change: everything else must match the checkpoint exactly.
 ADAPTABLE_ARGS = ('num_classes', 'in_chans')
-# timm >= 1.0.30 adapts a first conv from any channel count (its pretrained_cfg's input_size), older only from 3.
+# Newer timm adapts a first conv from any channel count (its pretrained_cfg's input_size); older timm (1.0.29, the
+# GPU machine's) only from 3. Told apart by adapt_input_conv's signature.
 _TIMM_ADAPTS_ANY_CHANNELS = 'base_chans' in inspect.signature(adapt_input_conv).parameters
 
 

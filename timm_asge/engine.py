@@ -92,7 +92,6 @@ class LocalLearner(nn.Module):
             'correct': torch.stack(correct),
         }
 
-
     @staticmethod
     def _block_step(
             block: nn.Module,

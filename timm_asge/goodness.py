@@ -71,9 +71,9 @@ def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
     """
     dtype = _accumulation_dtype(y)
     cells = _cells(y, grid)
-    if cells is None or cells.shape[-3] * cells.shape[-1] < _MIN_VIEW_CELL_AREA:
+    area = 0 if cells is None else cells.shape[-3] * cells.shape[-1]
+    if area < _MIN_VIEW_CELL_AREA:
         return F.adaptive_avg_pool2d(y.to(dtype).square(), grid).flatten(1)
-    area = cells.shape[-3] * cells.shape[-1]
     return (torch.linalg.vector_norm(cells, dim=(-3, -1), dtype=dtype).square() / area).flatten(1)
 
 
@@ -90,8 +90,7 @@ class _ReluSpatialGoodness(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor, grid: int):
         # In place: the pre-activation is never needed again, and a copy would double the block's largest tensor.
         z.relu_()
-        with torch.no_grad():
-            g = spatial_goodness(z, grid)
+        g = spatial_goodness(z, grid)  # autograd is off inside forward: no graph for g's own computation
         ctx.grid = grid
         ctx.set_materialize_grads(False)  # y gets no gradient: no full-size zeros for it in backward
         ctx.mark_dirty(z)
