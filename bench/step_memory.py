@@ -17,9 +17,6 @@ Usage:
     python bench/step_memory.py --model asge_vgg11 --batch-size 64
 """
 import argparse
-import shlex
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict
 
@@ -27,11 +24,10 @@ import torch
 import timm
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import timm_asge
 from timm_asge import engine
 from timm_asge.costs import training_activation_bytes
 
-from cpu_throughput import commit, dirty, write_record  # bench/ is on sys.path when run as a script
+from cpu_throughput import environment, write_record  # bench/ is on sys.path when run as a script
 from gpu_suite import VARIANTS, LiveTensorBytes, build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,11 +83,8 @@ def main() -> None:
 
     record = dict(
         environment=dict(
+            environment('cpu'),
             method='FakeTensorMode + dispatch-level live storage bytes (no compute; device-independent count)',
-            torch=torch.__version__, timm=timm.__version__, timm_asge=timm_asge.__version__,
-            commit=commit(), dirty=dirty(),
-            command=' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
-            date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
         ),
         settings=dict(model=args.model, input_size=list(args.input_size), batch_size=args.batch_size,
                       fused_adamw=True),
