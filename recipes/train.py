@@ -604,7 +604,10 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
                     'label_names': data.label_names, 'splits': data.sizes},
         'recipe': config,
         'config_file': args.config,
-        'command': ' '.join(['accelerate launch recipes/train.py'] + args.argv),
+        # `accelerate launch` exports ACCELERATE_MIXED_PRECISION to the processes it starts; a plain `python` run
+        # (bench/device/run.sh) is recorded as such.
+        'command': ' '.join(['accelerate launch' if 'ACCELERATE_MIXED_PRECISION' in os.environ else 'python',
+                             'recipes/train.py'] + args.argv),
         'commit': git_commit(),
         'hardware': describe_hardware(accelerator),
         'num_processes': world,

@@ -30,6 +30,7 @@ def test_digits_main_job(tmp_path):
     assert results['test_accuracy'][results['prediction']] >= 0.95, results['test_accuracy']
     on_disk = json.loads((tmp_path / 'results.json').read_text())
     assert on_disk['test_accuracy'] == results['test_accuracy']
+    assert on_disk['command'].startswith('python recipes/train.py --config ')  # not started by accelerate launch
     assert set(on_disk['strategies']) == {'fusion', 'last', 'best'}
     assert on_disk['strategies']['best']['blocks_run'] == on_disk['best_block'] + 1
     assert (tmp_path / 'block_accuracy.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -205,6 +206,7 @@ def test_two_cpu_processes_train_in_sync(tmp_path, mode):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / 'results.json').read_text())
     assert results['num_processes'] == 2
+    assert results['command'].startswith('accelerate launch recipes/train.py --config ')
     checksums = results['rank_weight_checksums']
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     # One epoch of 1,294 images over 2 ranks at batch 64: 647 per rank, 11 steps each.
