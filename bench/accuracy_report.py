@@ -12,14 +12,11 @@ Usage:
 """
 import argparse
 import json
-import shlex
 import statistics
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from cpu_throughput import write_record  # bench/ is on sys.path when run as a script
+from cpu_throughput import environment, write_record  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 # Published ASGE test accuracy (%) and the issue's targets on our data copies (CIFAR-10: JPEG copy, 3.3 points less).
@@ -103,9 +100,8 @@ def main() -> None:
         print(f"\n{r['dataset']}: {r['hardware']}, commit {r['commit']}\n  {r['command']}\n"
               f"  validation (fusion) by epoch: {r['val_fusion_by_epoch']}")
     if args.out:
-        record = dict(command=' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
-                      date=datetime.now(timezone.utc).isoformat(timespec='seconds'), runs=rows)
-        write_record(args.out, record)
+        # The report's own machine, commit and command; each run's hardware and commit are in its row.
+        write_record(args.out, dict(environment=environment('cpu'), runs=rows))
 
 
 if __name__ == '__main__':

@@ -25,14 +25,11 @@ Usage:
     python bench/gpu_suite.py --toy               # CPU smoke test
 """
 import argparse
-import platform
 import re
-import shlex
 import sys
 import time
 import weakref
 from contextlib import nullcontext
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -48,7 +45,7 @@ import timm_asge  # noqa: F401 (registers the asge_* models)
 from timm_asge import LocalLearner, param_groups
 from timm_asge.costs import training_activation_bytes, training_flops
 
-from cpu_throughput import commit, dirty, write_record  # bench/ is on sys.path when run as a script
+from cpu_throughput import environment, write_record  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ('fused', 'lean', 'backprop')
@@ -212,19 +209,6 @@ def profile(args, variant: str, device: torch.device, row_limit: int) -> Dict[st
     return dict(variant=variant, batch_size=args.memory_batch, sort_by=sort_by, table=table, top_ops=top)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return 'CPU ' + line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return 'CPU ' + platform.machine()
-
-
 def _table(rows: List[Dict[str, Any]]) -> str:
     header = (f"{'variant':<9} {'batch':>5} {'img/s':>10} {'step ms':>9} {'peak MiB':>9} {'act. MiB fp32':>14} "
               f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'util':>6}")
@@ -275,7 +259,8 @@ def main() -> None:
                 setattr(torch._dynamo.config, name, 256)
     probe = timm.create_model(args.model)
     args.input_size = tuple(probe.pretrained_cfg['input_size'])
-    device_name = _device_name(device)
+    env = environment(str(device))
+    device_name = env['gpu'] if device.type == 'cuda' else f"CPU {env['cpu']}"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(device_name) if device.type == 'cuda' else None)
 
     batch_sizes = sorted(set(args.batch_sizes) | {args.memory_batch})
@@ -310,19 +295,7 @@ def main() -> None:
         print(p['table'])
 
     record = dict(
-        environment=dict(
-            device=device_name,
-            hostname=platform.node(),
-            torch=torch.__version__,
-            timm=timm.__version__,
-            timm_asge=timm_asge.__version__,
-            cuda=torch.version.cuda,
-            commit=commit(),
-            dirty=dirty(),
-            command=' '.join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
-            date=datetime.now(timezone.utc).isoformat(timespec='seconds'),
-            toy=toy,
-        ),
+        environment=dict(env, device=device_name, cuda=torch.version.cuda, toy=toy),
         settings=dict(
             model=args.model, input_size=list(args.input_size), amp_bf16=args.amp, channels_last=args.channels_last,
             compile=args.compile, compile_mode=args.compile_mode, fused_adamw=True, warmup=args.warmup,
