@@ -69,6 +69,9 @@ DEFAULTS: Dict[str, Any] = {
     'train': {
         'epochs': 100,
         'max_steps': None,  # stop early after this many optimizer steps (short budgets, smoke tests)
+        # End the run after this many epochs while the schedule still spans `epochs` (the first N epochs of the
+        # full recipe, e.g. to compare curves; --resume with a larger value continues the same schedule).
+        'stop_after_epochs': None,
         'batch_size': 128,  # per process
         'lr': 2e-4,
         'min_lr': 1e-5,
@@ -412,6 +415,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         dynamo_plugin = TorchDynamoPlugin(backend='inductor', mode=mode)
     if int(train_cfg['checkpoint_epochs']) < 1:
         raise SystemExit(f"error: train.checkpoint_epochs={train_cfg['checkpoint_epochs']} must be at least 1")
+    stop_after = train_cfg['stop_after_epochs']
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise SystemExit(f'error: train.stop_after_epochs={stop_after!r} must be a whole number of epochs, at least 1 '
+                         f'(or null to train all train.epochs)')
 
     accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=train_cfg['mixed_precision'],
                               log_with=[JsonlTracker(out / 'log.jsonl')] + (['tensorboard'] if _has_tensorboard()
@@ -467,7 +474,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     **({} if accelerator.is_local_main_process else {'disable': True}))
     start = time.perf_counter() - state.train_time
     stop = state.step >= total_steps
-    while state.epoch < train_cfg['epochs'] and not stop:
+    end_epoch = min(train_cfg['epochs'], train_cfg['stop_after_epochs'] or train_cfg['epochs'])
+    while state.epoch < end_epoch and not stop:
         engine.train()
         correct_sum = torch.zeros(num_blocks + 1, device=device, dtype=torch.long)
         seen, window, window_start = 0, [], state.step
@@ -538,7 +546,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             state.best_metric, state.best_epoch = metric, state.epoch
             if accelerator.is_main_process:
                 save_pretrained(accelerator.unwrap_model(engine).model, out / 'best', label_names=data.label_names)
-        last_epoch = stop or state.epoch + 1 >= train_cfg['epochs']
+        last_epoch = stop or state.epoch + 1 >= end_epoch
         save = last_epoch or (state.epoch + 1) % train_cfg['checkpoint_epochs'] == 0 or step_checkpoint
         if save and accelerator.is_main_process:
             plot_history(state.history, out / 'block_accuracy.png', num_blocks)

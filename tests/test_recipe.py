@@ -55,6 +55,7 @@ def test_digits_main_job(tmp_path):
     ('train.mixed_precision=fp16', "mixed_precision='fp16' is not supported"),
     ('train.compile=fastest', "train.compile='fastest'; use false, true or a torch.compile mode"),
     ('train.checkpoint_epochs=0', 'checkpoint_epochs=0 must be at least 1'),
+    ('train.stop_after_epochs=0', 'stop_after_epochs=0 must be a whole number of epochs, at least 1'),
 ])
 def test_config_errors_stop_at_once(tmp_path, override, message):
     with pytest.raises(SystemExit, match=message):
@@ -90,6 +91,23 @@ def test_step_checkpoint_on_an_epochs_last_batch_resumes_into_the_next_epoch(tmp
     for got, want in zip(resumed['history'], full['history']):
         assert got['train_fusion_acc'] == want['train_fusion_acc'] > 0
         assert got['val_block_acc'] == want['val_block_acc']
+
+
+def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):
+    """The first N epochs of a longer recipe train exactly as the full run's first N; --resume finishes the run."""
+    args = ['--config', DIGITS, 'train.epochs=3']
+    full = recipe.main(args + [f'output_dir={tmp_path / "full"}'])
+    first = recipe.main(args + [f'output_dir={tmp_path / "part"}', 'train.stop_after_epochs=1'])
+    assert first['epochs'] == 1 and [h['epoch'] for h in first['history']] == [0]
+    # A schedule squeezed into one epoch would already differ here (lr 2e-3 -> 1e-5 instead of the first third).
+    assert first['history'][0]['train_fusion_acc'] == full['history'][0]['train_fusion_acc'] > 0
+    assert first['history'][0]['val_block_acc'] == full['history'][0]['val_block_acc']
+    rest = recipe.main(args + [f'output_dir={tmp_path / "part"}', '--resume', 'latest'])
+    assert [h['epoch'] for h in rest['history']] == [0, 1, 2]
+    for got, want in zip(rest['history'], full['history']):
+        assert got['train_fusion_acc'] == want['train_fusion_acc']
+        assert got['val_block_acc'] == want['val_block_acc']
+    assert rest['test_accuracy'] == full['test_accuracy']
 
 
 def test_compiled_channels_last_training_matches_eager(tmp_path):
