@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / 'bench'))
+import accuracy_report  # noqa: E402
 from accuracy_report import first_epoch_at, summarise  # noqa: E402
 from gpu_suite import LiveTensorBytes  # noqa: E402
 
@@ -76,3 +77,20 @@ def test_accuracy_report_reads_time_to_target_off_the_test_curve(tmp_path):
     assert row['epoch_s'] == pytest.approx(10.0) and row['steady_epoch_s'] == pytest.approx(5.0)
     assert row['images_per_s'] == pytest.approx(4 * 98 * 512 / 40.0)
     assert first_epoch_at([dict(epoch=0, val_fusion_acc=0.99, time_s=1.0)], 93.41) is None  # no test curve recorded
+    assert row['authors_val_at'] == {'epoch': 8, 'authors': 89.2, 'ours': None}  # a 4-epoch run has no epoch 8
+
+
+def test_accuracy_report_sets_the_first_epochs_of_a_long_schedule_beside_the_authors_curve(tmp_path, capsys, monkeypatch):
+    history = [dict(epoch=e, step_time_s=10.0 * (e + 1), time_s=12.0 * (e + 1), val_fusion_acc=0.85 + 0.01 * e)
+               for e in range(8)]
+    path = _results(tmp_path, {'fusion': 0.90, 'last': 0.89, 'best': 0.90}, history)
+    results = json.loads(path.read_text())
+    results['recipe']['train']['epochs'] = 100  # train.stop_after_epochs=8 of the 100-epoch recipe
+    path.write_text(json.dumps(results))
+    row = summarise(path)
+    assert (row['epochs'], row['scheduled_epochs']) == (8, 100)
+    assert row['authors_val_at'] == {'epoch': 8, 'authors': 89.2, 'ours': pytest.approx(92.0)}
+    monkeypatch.setattr(sys, 'argv', ['accuracy_report.py', str(path)])
+    accuracy_report.main()
+    out = capsys.readouterr().out
+    assert ' 8/100 ' in out and "validation after epoch 8: ours 92.00%, the authors' code 89.2%" in out
