@@ -398,6 +398,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    args.commit = git_commit()  # now, not at the end: the checkout may move on during a long run
     config = load_config(args.config, args.overrides)
     out = Path(config['output_dir'] or Path('outputs') / config['name'])
     train_cfg = config['train']
@@ -616,7 +617,7 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
         # (bench/device/run.sh) is recorded as such.
         'command': ' '.join(['accelerate launch' if 'ACCELERATE_MIXED_PRECISION' in os.environ else 'python',
                              'recipes/train.py'] + args.argv),
-        'commit': git_commit(),
+        'commit': args.commit,
         'hardware': describe_hardware(accelerator),
         'num_processes': world,
         'rank_weight_checksums': checksums,

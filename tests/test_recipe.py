@@ -110,6 +110,15 @@ def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):
     assert rest['test_accuracy'] == full['test_accuracy']
 
 
+def test_results_record_the_commit_the_run_started_from(tmp_path, monkeypatch):
+    """A long run records the checkout it started from, not where HEAD has moved by the end."""
+    heads = iter(['started-here', 'moved-on'])
+    monkeypatch.setattr(recipe, 'git_commit', lambda: next(heads))
+    results = recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'train.epochs=1', 'train.max_steps=2'])
+    assert results['commit'] == 'started-here'
+    assert json.loads((tmp_path / 'results.json').read_text())['commit'] == 'started-here'
+
+
 def test_compiled_channels_last_training_matches_eager(tmp_path):
     """``train.compile`` (torch.compile through accelerate) with channels_last trains the eager step's weights."""
     common = ['--config', DIGITS, 'train.epochs=1', 'train.max_steps=4', 'model.args.drop_rate=0.0']
