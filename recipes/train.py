@@ -475,7 +475,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     **({} if accelerator.is_local_main_process else {'disable': True}))
     start = time.perf_counter() - state.train_time
     stop = state.step >= total_steps
-    end_epoch = min(train_cfg['epochs'], train_cfg['stop_after_epochs'] or train_cfg['epochs'])
+    end_epoch = min(train_cfg['epochs'], stop_after or train_cfg['epochs'])
     while state.epoch < end_epoch and not stop:
         engine.train()
         correct_sum = torch.zeros(num_blocks + 1, device=device, dtype=torch.long)

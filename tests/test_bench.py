@@ -80,7 +80,7 @@ def test_accuracy_report_reads_time_to_target_off_the_test_curve(tmp_path):
     assert row['authors_val_at'] == {'epoch': 8, 'authors': 89.2, 'ours': None}  # a 4-epoch run has no epoch 8
 
 
-def test_accuracy_report_sets_the_first_epochs_of_a_long_schedule_beside_the_authors_curve(tmp_path, capsys, monkeypatch):
+def test_accuracy_report_sets_a_long_schedules_first_epochs_beside_the_authors_curve(tmp_path, capsys, monkeypatch):
     history = [dict(epoch=e, step_time_s=10.0 * (e + 1), time_s=12.0 * (e + 1), val_fusion_acc=0.85 + 0.01 * e)
                for e in range(8)]
     path = _results(tmp_path, {'fusion': 0.90, 'last': 0.89, 'best': 0.90}, history)

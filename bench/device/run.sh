@@ -18,7 +18,8 @@ export TIMM_ASGE_COMMIT=${TIMM_ASGE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TIMM_ASGE_CACHE=/tmp/timm_asge_cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 if [ -d device_data/whl ] && ! python3 -c 'import datasets' 2>/dev/null; then
   wheels=device_data/whl/pyarrow21
-  python3 -c 'import pyarrow, sys; sys.exit(int(pyarrow.__version__.split(".")[0]) < 21)' || wheels=device_data/whl/pyarrow15
+  python3 -c 'import pyarrow, sys; sys.exit(int(pyarrow.__version__.split(".")[0]) < 21)' ||
+    wheels=device_data/whl/pyarrow15
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$wheels"/*.whl || exit 1
 fi
