@@ -539,10 +539,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         state.history.append(record)
         accelerator.log({f'val/block{b + 1}': a for b, a in enumerate(record['val_block_acc'])}
                         | {'val/fusion': record['val_fusion_acc'], 'epoch': state.epoch + 1}, step=state.step)
+        # The line carries test accuracy and time too, so a log cut off mid-run (a timed-out GPU call) still has them.
+        test_part = f" | test fusion {100 * record['test_fusion_acc']:.2f}%" if 'test_fusion_acc' in record else ''
         accelerator.print(
             f"epoch {state.epoch + 1}: val acc per block "
             f"{' '.join(f'{100 * a:.1f}' for a in record['val_block_acc'])} | fusion "
-            f"{100 * record['val_fusion_acc']:.2f}% | train fusion {100 * record['train_fusion_acc']:.2f}%")
+            f"{100 * record['val_fusion_acc']:.2f}% | train fusion {100 * record['train_fusion_acc']:.2f}%{test_part}"
+            f" | so far {record['step_time_s']:.1f} s in training steps, {record['time_s']:.1f} s in all")
         if metric > state.best_metric:
             state.best_metric, state.best_epoch = metric, state.epoch
             if accelerator.is_main_process:

@@ -1,7 +1,10 @@
-"""The benchmark tools measure what they say: the tensor-byte counter, the step-memory script, the accuracy report."""
+"""The benchmark tools measure what they say: the tensor-byte counter, step memory, the accuracy report, the GPU run."""
 import json
+import os
+import re
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -94,3 +97,25 @@ def test_accuracy_report_sets_a_long_schedules_first_epochs_beside_the_authors_c
     accuracy_report.main()
     out = capsys.readouterr().out
     assert ' 8/100 ' in out and "validation after epoch 8: ours 92.00%, the authors' code 89.2%" in out
+
+
+def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
+    """bench/device/run.sh all: stages in order, skips what was not carried or no longer fits, one tar back."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    env = {**os.environ, 'OUT': str(out), 'STAGES': 'train:not_carried suite suite:compile',
+           'SUITE_ARGS': '--toy --no-profile', 'BUDGET_S': '201', 'MIN_STAGE_S': '200'}
+    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in out.iterdir()] == ['all.tar']
+    with tarfile.open(out / 'all.tar') as tar:
+        assert sorted(tar.getnames()) == ['all-stages.txt', 'gpu_suite__toy___no_profile.json']
+        summary = tar.extractfile('all-stages.txt').read().decode().splitlines()
+        suite = json.load(tar.extractfile('gpu_suite__toy___no_profile.json'))
+    assert summary[0] == 'train:not_carried: skipped, device_data/not_carried was not carried'
+    assert re.fullmatch(r'suite: exit 0 after \d+ s', summary[1])
+    # The suite takes a few seconds of the 201: less than the 200 a stage needs is left for the next one.
+    assert re.fullmatch(r'suite:compile: skipped, \d+ s of the budget left', summary[2]), summary
+    assert suite['environment']['toy'] and suite['settings']['model'] == 'asge_cnn_tiny'
+    assert {r['variant'] for r in suite['results']} == {'fused', 'lean', 'backprop'}

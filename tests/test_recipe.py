@@ -66,7 +66,7 @@ def test_config_errors_stop_at_once(tmp_path, override, message):
             recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'model.name=asge_cnn', 'data.img_size=8'])
 
 
-def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path):
+def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path, capsys):
     results = recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'train.epochs=3', 'train.checkpoint_epochs=2',
                            'train.test_every_epoch=true'])
     # 21 steps per epoch: a checkpoint after epoch 2 and, as the last epoch always saves, after epoch 3; not after 1.
@@ -78,6 +78,11 @@ def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path):
     assert 0 < step_times[0] < step_times[1] < step_times[2] == pytest.approx(results['step_time_s'], abs=0.01)
     assert all(h['step_time_s'] < h['time_s'] for h in history)  # evaluation and checkpoints are not step time
     assert json.loads((tmp_path / 'results.json').read_text())['history'] == history
+    # Each epoch's log line has what a run cut off mid-way (a timed-out GPU call) must still report.
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('epoch ')]
+    for h, line in zip(history, lines, strict=True):
+        assert f"| test fusion {100 * h['test_fusion_acc']:.2f}% |" in line
+        assert line.endswith(f"| so far {h['step_time_s']:.1f} s in training steps, {h['time_s']:.1f} s in all")
 
 
 def test_step_checkpoint_on_an_epochs_last_batch_resumes_into_the_next_epoch(tmp_path):

@@ -2,11 +2,12 @@
 # Run HERE (not on the GPU machine) before a device call: fill device_data/ (git-ignored) with what the GPU machine
 # lacks, the wheels of `datasets` and the benchmark parquet files.
 #
-#   bench/device/prepare_carry.sh fashion_mnist mnist      # then carry: device_data/whl device_data/fashion_mnist ...
+#   bench/device/prepare_carry.sh fashion_mnist cifar10 mnist  # then carry device_data/whl, device_data/<name>...
 #
 # The GPU machine has torch, timm, accelerate, huggingface_hub, pyarrow, pandas and xxhash, not datasets, dill or
-# multiprocess. One call carries at most 64 MiB with the checkout: fashion_mnist (31 MiB) and mnist (14 MiB) fit
-# together, cifar10 (18 MiB) goes in a second call.
+# multiprocess. One call carries at most 64 MiB with the checkout: the wheels (2 MiB), fashion_mnist (31 MiB) and
+# cifar10 (18 MiB) fit together (`run.sh all`); mnist (14 MiB) goes in a second call. Prepare all of them before the
+# first call: the machine stays warm for only 30 s after a call.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 shared=${TIMM_ASGE_SHARED_DATA:-../shared/data}

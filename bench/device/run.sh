@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE (the device tool), from the checkout's root, after bench/device/prepare_carry.sh here:
 #
+#   bench/device/run.sh all                            # everything below that fits in one call (see `all` below)
 #   bench/device/run.sh suite                          # gpu_suite.py: throughput, peak memory, FLOP use, profile
 #   bench/device/run.sh suite --compile --batch-sizes 512 1024 --no-profile
 #   bench/device/run.sh train fashion_mnist [key=value ...]   # recipe on device_data/fashion_mnist, fast settings
 #
 # Writes what comes back into $OUT (flat: the device tool returns at most 8 files, two folders deep): the suite's
 # JSON, and per training run its log, results.json (history with per-epoch step time and test accuracy) and plot;
-# with RETURN_WEIGHTS=1 also the exported model (timm Hub layout) in 15 MiB parts.
-# The recipe's fast settings below are overridable by later key=value arguments.
+# with RETURN_WEIGHTS=1 also the exported model (timm Hub layout) in 15 MiB parts. `all` packs its small files into
+# one $OUT/all.tar at the end. The recipe's fast settings below are overridable by later key=value arguments.
 set -uo pipefail
 : "${OUT:=/tmp/out}"
 mkdir -p "$OUT"
@@ -24,12 +25,74 @@ if [ -d device_data/whl ] && ! python3 -c 'import datasets' 2>/dev/null; then
     "$wheels"/*.whl || exit 1
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c 'import torch, timm, accelerate, huggingface_hub, pyarrow; print("torch", torch.__version__, "timm", timm.__version__,
+python3 -c 'import torch, timm, accelerate, huggingface_hub, pyarrow
+print("torch", torch.__version__, "timm", timm.__version__,
 "accelerate", accelerate.__version__, "hub", huggingface_hub.__version__, "pyarrow", pyarrow.__version__,
 "cuda", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
-stage=${1:?usage: run.sh suite|train DATASET [key=value ...]}
+stage=${1:?usage: run.sh all | suite [gpu_suite args] | train DATASET [key=value ...]}
 shift
 case $stage in
+  all)
+    # The device time of a session (15 min, the machine's start included; one command at most 10 min; warm for only
+    # 30 s after a call) allows one full call: the stages run most needed first, each limited to what is left of
+    # BUDGET_S (timeout kills the stage's whole process group; a cut-off training run's log still has every finished
+    # epoch's accuracy and time). A training stage is skipped when its data was not carried, or when the previous
+    # training run took longer than what is left (all are 100 epochs of the same network on 45-50k images). A training
+    # run that fails (not cut off) is run again once with train.compile=false, as are the ones after it. Run the call
+    # with timeout_s=600. STAGES, TRAIN_ARGS (key=value overrides for every training stage) and SUITE_ARGS are for
+    # smaller runs.
+    budget=${BUDGET_S:-540}
+    deadline=$((SECONDS + budget))
+    stages=${STAGES:-suite train:fashion_mnist train:cifar10 train:mnist suite:compile}
+    train_args=${TRAIN_ARGS:-}
+    last_train_s=0
+    summary="$OUT/all-stages.txt"
+    : > "$summary"
+    run_stage() {  # run_stage NAME COMMAND...: run within what is left of the budget; sets rc and took
+      local left=$((deadline - SECONDS)) began=$SECONDS note=''
+      echo "== $1 (${left} s of the budget left)"
+      timeout --kill-after=10 "$left" "${@:2}"
+      rc=$? took=$((SECONDS - began))
+      [ "$rc" = 124 ] && note=' (cut off at the budget)'
+      echo "$1: exit $rc$note after $took s" | tee -a "$summary"
+    }
+    for stage_name in $stages; do
+      left=$((deadline - SECONDS))
+      if [ "$left" -lt "${MIN_STAGE_S:-60}" ]; then
+        echo "$stage_name: skipped, $left s of the budget left" | tee -a "$summary"
+        continue
+      fi
+      case $stage_name in
+        suite) run_stage suite "$0" suite ${SUITE_ARGS:-} ;;
+        suite:compile)
+          run_stage suite:compile "$0" suite --compile --batch-sizes 128 512 --no-profile ${SUITE_ARGS:-} ;;
+        train:*)
+          dataset=${stage_name#train:}
+          if [ ! -d "device_data/$dataset" ]; then
+            echo "$stage_name: skipped, device_data/$dataset was not carried" | tee -a "$summary"
+            continue
+          fi
+          if [ "$last_train_s" -gt "$left" ]; then
+            echo "$stage_name: skipped, the last training run took $last_train_s s and $left s are left" |
+              tee -a "$summary"
+            continue
+          fi
+          run_stage "$stage_name" "$0" train "$dataset" $train_args
+          if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [[ " $train_args " != *" train.compile=false "* ]]; then
+            mv "$OUT/$dataset.log" "$OUT/$dataset-failed-compiled.log"
+            train_args="$train_args train.compile=false"
+            run_stage "$stage_name (train.compile=false)" "$0" train "$dataset" $train_args
+          fi
+          [ "$rc" = 0 ] && last_train_s=$took
+          ;;
+        *) echo "unknown stage $stage_name: use suite, suite:compile or train:DATASET" >&2; exit 2 ;;
+      esac
+    done
+    echo "all stages:" && cat "$summary"
+    # One file back for all the small ones (the tool returns at most 8); weight parts stay separate (16 MiB each).
+    (cd "$OUT" && find . -maxdepth 1 -type f ! -name '*.tar.part-*' ! -name all.tar -printf '%P\n' |
+      tar -cf all.tar -T - --remove-files)
+    ;;
   suite)
     python3 bench/gpu_suite.py --out "$OUT/gpu_suite$(printf '%s' "$*" | tr -c 'a-z0-9' '_' | cut -c1-40).json" "$@"
     ;;
