@@ -63,9 +63,9 @@ case $stage in
         continue
       fi
       case $stage_name in
-        suite) run_stage suite "$0" suite ${SUITE_ARGS:-} ;;
+        suite) run_stage suite bash "$0" suite ${SUITE_ARGS:-} ;;
         suite:compile)
-          run_stage suite:compile "$0" suite --compile --batch-sizes 128 512 --no-profile ${SUITE_ARGS:-} ;;
+          run_stage suite:compile bash "$0" suite --compile --batch-sizes 128 512 --no-profile ${SUITE_ARGS:-} ;;
         train:*)
           dataset=${stage_name#train:}
           if [ ! -d "device_data/$dataset" ]; then
@@ -77,11 +77,11 @@ case $stage in
               tee -a "$summary"
             continue
           fi
-          run_stage "$stage_name" "$0" train "$dataset" $train_args
+          run_stage "$stage_name" bash "$0" train "$dataset" $train_args
           if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [[ " $train_args " != *" train.compile=false "* ]]; then
             mv "$OUT/$dataset.log" "$OUT/$dataset-failed-compiled.log"
             train_args="$train_args train.compile=false"
-            run_stage "$stage_name (train.compile=false)" "$0" train "$dataset" $train_args
+            run_stage "$stage_name (train.compile=false)" bash "$0" train "$dataset" $train_args
           fi
           [ "$rc" = 0 ] && last_train_s=$took
           ;;
