@@ -119,3 +119,7 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     assert re.fullmatch(r'suite:compile: skipped, \d+ s of the budget left', summary[2]), summary
     assert suite['environment']['toy'] and suite['settings']['model'] == 'asge_cnn_tiny'
     assert {r['variant'] for r in suite['results']} == {'fused', 'lean', 'backprop'}
+    env['STAGES'] = 'suite trian:mnist'
+    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and 'unknown stage trian:mnist in STAGES' in proc.stderr  # before any stage runs

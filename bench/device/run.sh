@@ -46,6 +46,10 @@ case $stage in
     stages=${STAGES:-suite train:fashion_mnist train:cifar10 train:mnist suite:compile}
     train_args=${TRAIN_ARGS:-}
     last_train_s=0
+    for stage_name in $stages; do
+      [[ $stage_name =~ ^(suite|suite:compile|train:[a-z0-9_]+)$ ]] ||
+        { echo "unknown stage $stage_name in STAGES: use suite, suite:compile or train:DATASET" >&2; exit 2; }
+    done
     summary="$OUT/all-stages.txt"
     : > "$summary"
     run_stage() {  # run_stage NAME COMMAND...: run within what is left of the budget; sets rc and took
@@ -79,13 +83,12 @@ case $stage in
           fi
           run_stage "$stage_name" bash "$0" train "$dataset" $train_args
           if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [[ " $train_args " != *" train.compile=false "* ]]; then
-            mv "$OUT/$dataset.log" "$OUT/$dataset-failed-compiled.log"
+            [ -f "$OUT/$dataset.log" ] && mv "$OUT/$dataset.log" "$OUT/$dataset-failed-compiled.log"
             train_args="$train_args train.compile=false"
             run_stage "$stage_name (train.compile=false)" bash "$0" train "$dataset" $train_args
           fi
           [ "$rc" = 0 ] && last_train_s=$took
           ;;
-        *) echo "unknown stage $stage_name: use suite, suite:compile or train:DATASET" >&2; exit 2 ;;
       esac
     done
     echo "all stages:" && cat "$summary"
