@@ -36,19 +36,26 @@ case $stage in
     # The device time of a session (15 min, the machine's start included; one command at most 10 min; warm for only
     # 30 s after a call) allows one full call: the stages run most needed first, each limited to what is left of
     # BUDGET_S (timeout kills the stage's whole process group; a cut-off training run's log still has every finished
-    # epoch's accuracy and time). A training stage is skipped when its data was not carried, or when the previous
-    # training run took longer than what is left (all are 100 epochs of the same network on 45-50k images). A training
-    # run that fails (not cut off) is run again once with train.compile=false, as are the ones after it. Run the call
-    # with timeout_s=600. STAGES, TRAIN_ARGS (key=value overrides for every training stage) and SUITE_ARGS are for
-    # smaller runs.
+    # epoch's accuracy and time). Run the call with timeout_s=600.
+    #   suite                  gpu_suite.py, eager: throughput at 128-1024, peak memory, FLOP use, profiles
+    #   train:DATASET          the recipe at the fast settings FAST_ARGS (batch 512, lr scaled by sqrt(4)); skipped
+    #                          when its data was not carried, or when the last such run took longer than what is left
+    #   suite:compile          gpu_suite.py with torch.compile at batch 512
+    #   recipe:DATASET         the recipe at the config's own batch 128 and lr (the authors'): the reference curve;
+    #                          last, as it may be cut off
+    # A training run that fails (not cut off) is run again once with train.compile=false, as are the ones after it.
+    # STAGES, TRAIN_ARGS (key=value overrides for every training stage) and SUITE_ARGS are for smaller runs.
     budget=${BUDGET_S:-540}
     deadline=$((SECONDS + budget))
-    stages=${STAGES:-suite train:fashion_mnist train:cifar10 train:mnist suite:compile}
+    stages=${STAGES:-suite train:fashion_mnist train:cifar10 train:mnist suite:compile recipe:fashion_mnist}
+    fast_args=${FAST_ARGS-train.batch_size=512 train.lr=4e-4}
     train_args=${TRAIN_ARGS:-}
     last_train_s=0
     for stage_name in $stages; do
-      [[ $stage_name =~ ^(suite|suite:compile|train:[a-z0-9_]+)$ ]] ||
-        { echo "unknown stage $stage_name in STAGES: use suite, suite:compile or train:DATASET" >&2; exit 2; }
+      [[ $stage_name =~ ^(suite|suite:compile|(train|recipe):[a-z0-9_]+)$ ]] || {
+        echo "unknown stage $stage_name in STAGES: use suite, suite:compile, train:DATASET or recipe:DATASET" >&2
+        exit 2
+      }
     done
     summary="$OUT/all-stages.txt"
     : > "$summary"
@@ -69,25 +76,28 @@ case $stage in
       case $stage_name in
         suite) run_stage suite bash "$0" suite ${SUITE_ARGS:-} ;;
         suite:compile)
-          run_stage suite:compile bash "$0" suite --compile --batch-sizes 128 512 --no-profile ${SUITE_ARGS:-} ;;
-        train:*)
-          dataset=${stage_name#train:}
+          run_stage suite:compile bash "$0" suite --compile --batch-sizes 512 --no-profile ${SUITE_ARGS:-} ;;
+        train:* | recipe:*)
+          dataset=${stage_name#*:}
+          if [[ $stage_name == train:* ]]; then name=$dataset args="$fast_args $train_args"
+          else name=$dataset-recipe args=$train_args
+          fi
           if [ ! -d "device_data/$dataset" ]; then
             echo "$stage_name: skipped, device_data/$dataset was not carried" | tee -a "$summary"
             continue
           fi
-          if [ "$last_train_s" -gt "$left" ]; then
+          if [[ $stage_name == train:* ]] && [ "$last_train_s" -gt "$left" ]; then
             echo "$stage_name: skipped, the last training run took $last_train_s s and $left s are left" |
               tee -a "$summary"
             continue
           fi
-          run_stage "$stage_name" bash "$0" train "$dataset" $train_args
-          if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [[ " $train_args " != *" train.compile=false "* ]]; then
-            [ -f "$OUT/$dataset.log" ] && mv "$OUT/$dataset.log" "$OUT/$dataset-failed-compiled.log"
-            train_args="$train_args train.compile=false"
-            run_stage "$stage_name (train.compile=false)" bash "$0" train "$dataset" $train_args
+          run_stage "$stage_name" env RUN_NAME="$name" bash "$0" train "$dataset" $args
+          if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [[ " $args " != *" train.compile=false "* ]]; then
+            [ -f "$OUT/$name.log" ] && mv "$OUT/$name.log" "$OUT/$name-failed-compiled.log"
+            train_args="$train_args train.compile=false" args="$args train.compile=false"
+            run_stage "$stage_name (train.compile=false)" env RUN_NAME="$name" bash "$0" train "$dataset" $args
           fi
-          [ "$rc" = 0 ] && last_train_s=$took
+          [[ $stage_name == train:* ]] && [ "$rc" = 0 ] && last_train_s=$took
           ;;
       esac
     done
@@ -102,17 +112,18 @@ case $stage in
   train)
     dataset=${1:?usage: run.sh train DATASET [key=value ...]}
     shift
+    name=${RUN_NAME:-$dataset}  # names the output folder and the files sent back
     data=()
     [ -d "device_data/$dataset" ] && data=(data.path="device_data/$dataset")
-    python3 recipes/train.py --config "recipes/configs/$dataset.yaml" "${data[@]}" output_dir="/tmp/runs/$dataset" \
+    python3 recipes/train.py --config "recipes/configs/$dataset.yaml" "${data[@]}" output_dir="/tmp/runs/$name" \
       train.mixed_precision=bf16 train.channels_last=true train.compile=true train.checkpoint_epochs=1000 \
-      train.test_every_epoch=true train.eval_batch_size=2000 "$@" 2>&1 | tee "$OUT/$dataset.log" || exit 1
-    cp "/tmp/runs/$dataset/results.json" "$OUT/$dataset-results.json"
-    cp "/tmp/runs/$dataset/block_accuracy.png" "$OUT/$dataset-block_accuracy.png"
+      train.test_every_epoch=true train.eval_batch_size=2000 "$@" 2>&1 | tee "$OUT/$name.log" || exit 1
+    cp "/tmp/runs/$name/results.json" "$OUT/$name-results.json"
+    cp "/tmp/runs/$name/block_accuracy.png" "$OUT/$name-block_accuracy.png"
     if [ "${RETURN_WEIGHTS:-0}" = 1 ]; then
       # The tool returns files of at most 16 MiB (asge_cnn's weights are 37 MB): the export folder comes back as
-      # 15 MiB parts. Here: cat <dataset>-export.tar.part-* | tar -xf - -C outputs/<dataset>/
-      tar -C "/tmp/runs/$dataset" -cf - export | split -b 15m - "$OUT/$dataset-export.tar.part-"
+      # 15 MiB parts. Here: cat <name>-export.tar.part-* | tar -xf - -C outputs/<name>/
+      tar -C "/tmp/runs/$name" -cf - export | split -b 15m - "$OUT/$name-export.tar.part-"
     fi
     ;;
   *)
