@@ -105,8 +105,12 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     out.mkdir()
     env = {**os.environ, 'OUT': str(out), 'STAGES': 'train:not_carried suite suite:compile',
            'SUITE_ARGS': '--toy --no-profile', 'BUDGET_S': '201', 'MIN_STAGE_S': '200'}
-    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+
+    def run_all():
+        return subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    proc = run_all()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in out.iterdir()] == ['all.tar']
     with tarfile.open(out / 'all.tar') as tar:
@@ -120,6 +124,5 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     assert suite['environment']['toy'] and suite['settings']['model'] == 'asge_cnn_tiny'
     assert {r['variant'] for r in suite['results']} == {'fused', 'lean', 'backprop'}
     env['STAGES'] = 'suite trian:mnist'
-    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_all()
     assert proc.returncode == 2 and 'unknown stage trian:mnist in STAGES' in proc.stderr  # before any stage runs
