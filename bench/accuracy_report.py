@@ -6,13 +6,21 @@ that of the best-validation epoch). Times are the recipe's ``step_time_s``: trai
 epoch ends, without evaluation or checkpoints (``time_s``, the wall clock, is in the JSON beside it). ``s/epoch``
 averages the whole run, torch.compile's compilation included; ``steady`` is the median epoch after the first.
 
+A run cut off before it wrote ``results.json`` (a GPU call's time limit) is read from its log instead: the ``run:``
+line gives the command, commit and hardware, and every epoch line its accuracy and time; it has no final test.
+Logs older than the ``run:`` line take it from ``--log-run``.
+
 Usage:
     python bench/accuracy_report.py outputs/fashion_mnist/results.json outputs/mnist/results.json
-    python bench/accuracy_report.py $OUT/*-results.json --out bench/results/accuracy-H100.json
+    python bench/accuracy_report.py $OUT/*-results.json $OUT/fashion_mnist-recipe.log \\
+        --out bench/results/accuracy-H100.json
 """
 import argparse
 import json
+import re
+import shlex
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -42,8 +50,46 @@ def steady_epoch_s(history: List[Dict[str, Any]]) -> Optional[float]:
     return statistics.median(times) if times else None
 
 
-def summarise(path: Path) -> Dict[str, Any]:
-    results = json.loads(path.read_text())
+RUN_LINE = re.compile(r'run: (?P<command>.+) \| commit (?P<commit>\S+) \| (?P<hardware>.+)')
+TRAINING_LINE = re.compile(r'training (?P<model>\S+) \(.*\) on (?P<images>\d+) images')
+EPOCH_LINE = re.compile(
+    r'epoch (?P<epoch>\d+): val acc per block .* \| fusion (?P<val>[\d.]+)% \| train fusion [\d.]+%'
+    r'(?: \| test fusion (?P<test>[\d.]+)%)? \| so far (?P<step>[\d.]+) s in training steps, (?P<all>[\d.]+) s in all')
+
+
+def results_from_log(path: Path, run_line: Optional[str] = None) -> Dict[str, Any]:
+    """What ``summarise`` needs, read off a training log (no final test: ``test_accuracy`` is None)."""
+    text = path.read_text(errors='replace')
+    run = RUN_LINE.search(text) or (RUN_LINE.fullmatch(f'run: {run_line}') if run_line else None)
+    training = TRAINING_LINE.search(text)
+    if run is None or training is None:
+        raise SystemExit(f"error: {path} has no 'run:' line (logs before it: pass --log-run \"COMMAND | commit HASH "
+                         f"| HARDWARE\") or no 'training ...' line; is it a recipes/train.py log?")
+    sys.path.insert(0, str(REPO / 'recipes'))
+    from train import load_config  # the recipe's own defaults + YAML + overrides
+
+    argv = shlex.split(run['command'])[2:]  # after `python recipes/train.py` / `accelerate launch`
+    config_file = argv[argv.index('--config') + 1] if '--config' in argv else None
+    config = load_config(config_file and str(REPO / config_file), [a for a in argv if '=' in a and a[0] != '-'])
+    history = []
+    for m in EPOCH_LINE.finditer(text):
+        history.append(dict(epoch=int(m['epoch']) - 1, val_fusion_acc=float(m['val']) / 100,
+                            step_time_s=float(m['step']), time_s=float(m['all'])))
+        if m['test'] is not None:
+            history[-1]['test_fusion_acc'] = float(m['test']) / 100
+    if not history:
+        raise SystemExit(f'error: {path} has no finished epoch')
+    epochs = len({h['epoch'] for h in history})
+    return {
+        'model': training['model'], 'dataset': {'name': config['name']}, 'recipe': config, 'command': run['command'],
+        'commit': run['commit'], 'hardware': run['hardware'], 'epochs': epochs,
+        'images': int(training['images']) * epochs, 'step_time_s': history[-1]['step_time_s'],
+        'train_time_s': history[-1]['time_s'], 'best_epoch': None, 'test_accuracy': None, 'history': history,
+    }
+
+
+def summarise(path: Path, run_line: Optional[str] = None) -> Dict[str, Any]:
+    results = results_from_log(path, run_line) if path.suffix == '.log' else json.loads(path.read_text())
     name = results['dataset']['name']
     # A run stopped mid-epoch and resumed records that epoch twice: keep the last record of each epoch.
     history = list({record['epoch']: record for record in results.get('history', [])}.values())
@@ -55,16 +101,16 @@ def summarise(path: Path) -> Dict[str, Any]:
     target = TARGET.get(name)
     reached = first_epoch_at(history, target) if target else None
     # Every step trains batch_size images per process (the epoch's last shard is padded to a full batch).
-    images = results['steps'] * train_cfg['batch_size'] * results.get('num_processes', 1)
+    images = results.get('images') or results['steps'] * train_cfg['batch_size'] * results.get('num_processes', 1)
+    test_accuracy = results['test_accuracy'] and {k: 100 * v for k, v in results['test_accuracy'].items()}
     return dict(
         file=str(path), dataset=name, model=results['model'], hardware=results['hardware'], commit=results['commit'],
         command=results['command'], epochs=epochs, scheduled_epochs=train_cfg.get('epochs', epochs),
         batch_size=train_cfg['batch_size'], lr=train_cfg['lr'],
         mixed_precision=train_cfg['mixed_precision'], compile=train_cfg.get('compile', False),
         channels_last=train_cfg['channels_last'], mode=train_cfg['mode'],
-        test_accuracy={k: 100 * v for k, v in results['test_accuracy'].items()},
-        best_epoch=results['best_epoch'], paper=PAPER.get(name), target=target,
-        target_met=target is not None and 100 * results['test_accuracy']['fusion'] >= target,
+        test_accuracy=test_accuracy, best_epoch=results['best_epoch'], paper=PAPER.get(name), target=target,
+        target_met=bool(target and test_accuracy and test_accuracy['fusion'] >= target),
         step_time_s=step_time, wall_time_s=results['train_time_s'],
         epoch_s=step_time / epochs if step_time else None, steady_epoch_s=steady_epoch_s(history),
         images_per_s=images / step_time if step_time else None,
@@ -79,42 +125,58 @@ def summarise(path: Path) -> Dict[str, Any]:
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
-    return '-' if value is None else format(value, spec)
+    return '-'.rjust(int(re.match(r'\d*', spec)[0] or 0)) if value is None else format(value, spec)
+
+
+def target_status(row: Dict[str, Any]) -> str:
+    if not row['target']:
+        return '-'
+    if row['test_accuracy'] is None:
+        return 'cut off'
+    return 'met' if row['target_met'] else 'NOT met'
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('results', nargs='+', type=Path, help='results.json files of recipe runs')
+    parser.add_argument('results', nargs='+', type=Path, help='results.json files or logs (*.log) of recipe runs')
+    parser.add_argument('--log-run', default=None,
+                        help="'COMMAND | commit HASH | HARDWARE' for logs written before the recipe printed it")
     parser.add_argument('--out', type=Path, default=None, help='JSON to write (default: print only)')
+    parser.add_argument('--note', default=None, help='a remark kept in the JSON (when and how the runs were made)')
     args = parser.parse_args()
-    rows = [summarise(path) for path in args.results]
+    rows = [summarise(path, args.log_run) for path in args.results]
 
     header = (f"{'dataset':<14} {'epochs':>6} {'batch':>5} {'prec':>5} {'fusion %':>8} {'last %':>7} {'best %':>7} "
               f"{'paper %':>7} {'target':>7} {'s/epoch':>8} {'steady':>7} {'authors s/ep':>12} {'img/s':>9} "
               f"{'to target':>16}")
     print(header + '\n' + '-' * len(header))
     for r in rows:
-        acc = r['test_accuracy']
+        acc = r['test_accuracy'] or dict.fromkeys(('fusion', 'last', 'best'))  # a cut-off log has no final test
         authors = '-' if not r['authors_epoch_s'] else '{}-{}'.format(*r['authors_epoch_s'])
         reached = r['time_to_target']
         to_target = '-' if not reached else f"ep {reached['epoch']}, {reached['step_time_s']:.0f} s"
         # A run stopped early (train.stop_after_epochs, or still going) shows done/scheduled epochs.
         epochs = str(r['epochs']) if r['epochs'] >= r['scheduled_epochs'] else f"{r['epochs']}/{r['scheduled_epochs']}"
         print(f"{r['dataset']:<14} {epochs:>6} {r['batch_size']:>5} {r['mixed_precision']:>5} "
-              f"{acc['fusion']:>8.2f} {acc['last']:>7.2f} {acc['best']:>7.2f} {_fmt(r['paper'], '.2f'):>7} "
-              f"{('met' if r['target_met'] else 'NOT met') if r['target'] else '-':>7} {_fmt(r['epoch_s'], '.2f'):>8} "
+              f"{_fmt(acc['fusion'], '8.2f')} {_fmt(acc['last'], '7.2f')} {_fmt(acc['best'], '7.2f')} "
+              f"{_fmt(r['paper'], '7.2f')} {target_status(r):>7} {_fmt(r['epoch_s'], '8.2f')} "
               f"{_fmt(r['steady_epoch_s'], '.2f'):>7} {authors:>12} {_fmt(r['images_per_s'], ',.0f'):>9} "
               f"{to_target:>16}")
     for r in rows:
         print(f"\n{r['dataset']}: {r['hardware']}, commit {r['commit']}\n  {r['command']}\n"
               f"  validation (fusion) by epoch: {r['val_fusion_by_epoch']}")
+        if r['test_fusion_by_epoch']:
+            print(f"  test (fusion) by epoch: {r['test_fusion_by_epoch']}")
         if r['authors_val_at']:
             at = r['authors_val_at']
             print(f"  validation after epoch {at['epoch']}: ours {_fmt(at['ours'], '.2f')}%, the authors' code "
                   f"{at['authors']}%")
     if args.out:
         # The report's own machine, commit and command; each run's hardware and commit are in its row.
-        write_record(args.out, dict(environment=environment('cpu'), runs=rows))
+        record = dict(environment=environment('cpu'), runs=rows)
+        if args.note:
+            record['note'] = args.note
+        write_record(args.out, record)
 
 
 if __name__ == '__main__':

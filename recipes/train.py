@@ -195,6 +195,14 @@ def describe_hardware(accelerator: Accelerator) -> str:
     return f'{accelerator.num_processes} x {device}, torch {torch.__version__}'
 
 
+def run_command(argv: List[str]) -> str:
+    """The command line of this run, as a user would type it again."""
+    # `accelerate launch` exports ACCELERATE_MIXED_PRECISION to the processes it starts; a plain `python` run
+    # (bench/device/run.sh) is recorded as such.
+    launcher = 'accelerate launch' if 'ACCELERATE_MIXED_PRECISION' in os.environ else 'python'
+    return ' '.join([launcher, 'recipes/train.py'] + argv)
+
+
 def git_commit() -> Optional[str]:
     """HEAD's hash; where the checkout came without .git (the GPU machine), ``$TIMM_ASGE_COMMIT``."""
     try:
@@ -465,6 +473,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     device = accelerator.device
     num_blocks = len(model.stages)
     last_ckpt = str(latest_checkpoint(out) or '')
+    # A log cut off before results.json is written still says what ran where (bench/accuracy_report.py reads it).
+    accelerator.print(f"run: {run_command(args.argv)} | commit {args.commit} | {describe_hardware(accelerator)}")
     accelerator.print(
         f"training {config['model']['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{num_blocks} blocks) on {data.sizes['train']} images ({data.sizes['validation']} validation, "
@@ -616,10 +626,7 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
                     'label_names': data.label_names, 'splits': data.sizes},
         'recipe': config,
         'config_file': args.config,
-        # `accelerate launch` exports ACCELERATE_MIXED_PRECISION to the processes it starts; a plain `python` run
-        # (bench/device/run.sh) is recorded as such.
-        'command': ' '.join(['accelerate launch' if 'ACCELERATE_MIXED_PRECISION' in os.environ else 'python',
-                             'recipes/train.py'] + args.argv),
+        'command': run_command(args.argv),
         'commit': args.commit,
         'hardware': describe_hardware(accelerator),
         'num_processes': world,

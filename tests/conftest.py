@@ -6,7 +6,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get('TIMM_ASGE_SHARED_DATA', ROOT.parent / 'shared' / 'data'))
-sys.path.insert(0, str(ROOT / 'recipes'))
+# The recipe and the bench scripts are scripts, not packages: tests import them from their folders.
+sys.path[:0] = [str(ROOT / 'recipes'), str(ROOT / 'bench')]
 
 
 @pytest.fixture(autouse=True)

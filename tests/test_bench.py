@@ -10,12 +10,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import accuracy_report
+from accuracy_report import first_epoch_at, summarise
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / 'bench'))
-import accuracy_report  # noqa: E402
-from accuracy_report import first_epoch_at, summarise  # noqa: E402
-from gpu_suite import LiveTensorBytes  # noqa: E402
+from gpu_suite import LiveTensorBytes
 
 
 def test_live_tensor_bytes_counts_allocations_not_views():
@@ -97,6 +95,43 @@ def test_accuracy_report_sets_a_long_schedules_first_epochs_beside_the_authors_c
     accuracy_report.main()
     out = capsys.readouterr().out
     assert ' 8/100 ' in out and "validation after epoch 8: ours 92.00%, the authors' code 89.2%" in out
+
+
+def _epoch_line(epoch, val, test, step_s, all_s):
+    return (f'epoch {epoch}: val acc per block 13.1 66.1 74.8 | fusion {val:.2f}% | train fusion 46.11% | test fusion '
+            f'{test:.2f}% | so far {step_s:.1f} s in training steps, {all_s:.1f} s in all')
+
+
+def test_accuracy_report_reads_a_cut_off_log(tmp_path, capsys, monkeypatch):
+    """A run killed at a GPU call's limit leaves only its log: curve, times and recipe come from it, no final test."""
+    command = ('python recipes/train.py --config recipes/configs/fashion_mnist.yaml data.path=device_data/fashion_mnist '
+               'train.mixed_precision=bf16 train.compile=true')
+    head = ['torch 2.11.0+cu130 timm 1.0.29 ...',
+            'training asge_cnn (9,171,722 parameters, 7 blocks) on 50000 images (10000 validation, 10000 test), ...']
+    epochs = [_epoch_line(1, 88.0, 87.5, 25.6, 25.8), _epoch_line(2, 93.0, 93.5, 28.0, 28.5),
+              _epoch_line(3, 93.1, 93.2, 30.4, 31.2)]
+    log = tmp_path / 'fashion_mnist-recipe.log'
+    log.write_text('\n'.join(head + epochs) + '\n')  # an older log: no `run:` line
+    with pytest.raises(SystemExit, match="no 'run:' line"):
+        summarise(log)
+    run = f'{command} | commit abc123 | 1 x NVIDIA H200, torch 2.11.0+cu130'
+    row = summarise(log, run)
+    assert (row['dataset'], row['batch_size'], row['lr'], row['scheduled_epochs'], row['epochs']) == (
+        'fashion_mnist', 128, 2e-4, 100, 3)  # the recipe's config file, read through its own loader
+    assert (row['hardware'], row['commit'], row['mixed_precision']) == ('1 x NVIDIA H200, torch 2.11.0+cu130',
+                                                                      'abc123', 'bf16')
+    assert row['test_accuracy'] is None and not row['target_met']
+    assert row['time_to_target'] == {'epoch': 2, 'step_time_s': 28.0, 'wall_time_s': 28.5}
+    assert row['steady_epoch_s'] == pytest.approx(2.4) and row['images_per_s'] == pytest.approx(3 * 50_000 / 30.4)
+    assert row['test_fusion_by_epoch'] == [87.5, 93.5, 93.2]
+    # Logs from now on carry the run line themselves; a later override wins over the config file.
+    log.write_text('\n'.join([f'run: {command} train.batch_size=512 | commit def456 | 1 x NVIDIA H100'] + head
+                             + epochs[:1]) + '\n')
+    row = summarise(log)
+    assert (row['batch_size'], row['commit'], row['epochs']) == (512, 'def456', 1)
+    monkeypatch.setattr(sys, 'argv', ['accuracy_report.py', str(log)])
+    accuracy_report.main()
+    assert re.search(r'fashion_mnist +1/100 +512 +bf16 +- +- +- +93\.41 +cut off', capsys.readouterr().out)
 
 
 def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):

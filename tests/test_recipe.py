@@ -13,6 +13,7 @@ import timm
 from safetensors.torch import load_file
 
 import train as recipe
+from accuracy_report import summarise
 from conftest import ROOT, shared_dataset
 from timm_asge.data import load_tensors, to_model_input
 
@@ -79,10 +80,21 @@ def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path, capsys):
     assert all(h['step_time_s'] < h['time_s'] for h in history)  # evaluation and checkpoints are not step time
     assert json.loads((tmp_path / 'results.json').read_text())['history'] == history
     # Each epoch's log line has what a run cut off mid-way (a timed-out GPU call) must still report.
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('epoch ')]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith('epoch ')]
     for h, line in zip(history, lines, strict=True):
         assert f"| test fusion {100 * h['test_fusion_acc']:.2f}% |" in line
         assert line.endswith(f"| so far {h['step_time_s']:.1f} s in training steps, {h['time_s']:.1f} s in all")
+    assert f"run: {results['command']} | commit {results['commit']} | {results['hardware']}" in out.splitlines()
+    # So bench/accuracy_report.py reads off the log what it reads off results.json, but the final test.
+    log = tmp_path / 'train.log'
+    log.write_text(out)
+    from_log, from_json = summarise(log), summarise(tmp_path / 'results.json')
+    for key in ('dataset', 'batch_size', 'lr', 'epochs', 'commit', 'hardware', 'command', 'val_fusion_by_epoch',
+                'test_fusion_by_epoch', 'time_to_target'):
+        assert from_log[key] == from_json[key], key
+    assert from_log['step_time_s'] == pytest.approx(from_json['step_time_s'], abs=0.05)
+    assert from_log['test_accuracy'] is None and from_json['test_accuracy']['fusion'] > 0
 
 
 def test_step_checkpoint_on_an_epochs_last_batch_resumes_into_the_next_epoch(tmp_path):
