@@ -161,3 +161,28 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     env['STAGES'] = 'suite trian:mnist'
     proc = run_all()
     assert proc.returncode == 2 and 'unknown stage trian:mnist in STAGES' in proc.stderr  # before any stage runs
+
+
+def test_device_all_retries_a_failed_training_run_with_retry_args(tmp_path):
+    """A training stage that fails (a compile mode the GPU cannot run, say) runs once more with RETRY_ARGS."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    env = {**os.environ, 'OUT': str(out), 'STAGES': 'train:digits', 'BUDGET_S': '280', 'MIN_STAGE_S': '10',
+           'FAST_ARGS': 'train.epochs=1 train.max_steps=2 train.mixed_precision=no train.channels_last=false',
+           'TRAIN_ARGS': 'train.compile=bogus', 'RETRY_ARGS': 'train.compile=false'}
+    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with tarfile.open(out / 'all.tar') as tar:
+        names = set(tar.getnames())
+        summary = tar.extractfile('all-stages.txt').read().decode().splitlines()
+        failed = tar.extractfile('digits-failed.log').read().decode()
+        results = json.load(tar.extractfile('digits-results.json'))
+    assert names == {'all-stages.txt', 'digits-failed.log', 'digits.log', 'digits-results.json',
+                     'digits-block_accuracy.png'}
+    assert re.fullmatch(r'train:digits: exit 1 after \d+ s', summary[0]), summary
+    assert re.fullmatch(r'train:digits \(train.compile=false\): exit 0 after \d+ s', summary[1]), summary
+    assert "train.compile='bogus'" in failed  # the first try's error is kept beside the retry's log
+    assert results['recipe']['train']['compile'] is False and results['steps'] == 2
+    assert results['command'].endswith('train.compile=bogus train.compile=false')
+
