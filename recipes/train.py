@@ -88,6 +88,9 @@ DEFAULTS: Dict[str, Any] = {
         'channels_last': False,
         'compile': False,  # torch.compile the training step: false, true, or a mode ('reduce-overhead', ...)
         'test_every_epoch': False,  # also test every epoch, for the curve only (the best epoch is chosen on validation)
+        # torch.profiler over this many steps early in the second epoch (past compilation) -> profile.txt; profiling
+        # slows those steps, so leave it off for timing runs.
+        'profile_steps': 0,
     },
 }
 
@@ -322,6 +325,28 @@ def build_model(config: Dict[str, Any], num_classes: int):
     return model
 
 
+def start_profiler(out: Path, steps: int, skip: int, device: torch.device) -> torch.profiler.profile:
+    """A profiler over ``steps`` training steps after ``skip`` more (call ``.step()`` after each) that writes
+    ``profile.txt``: where a step's time goes on the host and on the device."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+    def write(prof: torch.profiler.profile) -> None:
+        events = prof.key_averages()
+        sections = [f'{steps} training steps; self times summed over them (divide by {steps} for one step)']
+        for sort_by in (['self_cuda_time_total'] if device.type == 'cuda' else []) + ['self_cpu_time_total']:
+            sections.append(f'sorted by {sort_by}:\n' + events.table(sort_by=sort_by, row_limit=30))
+        with atomic_path(out / 'profile.txt') as tmp:
+            tmp.write_text('\n\n'.join(sections) + '\n')
+
+    # One warm-up step: the profiler's own start-up cost stays out of the table.
+    schedule = torch.profiler.schedule(skip_first=skip, wait=0, warmup=1, active=steps, repeat=1)
+    profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write)
+    profiler.start()
+    return profiler
+
+
 def check_finite(accelerator: Accelerator, window: List[torch.Tensor], first_step: int, checkpoint: str) -> None:
     """Stop with the block and step of the first non-finite loss in ``window`` (one host sync per call)."""
     if not window:
@@ -422,6 +447,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              f"mode: {', '.join(COMPILE_MODES)}")
         mode = None if train_cfg['compile'] is True else train_cfg['compile']
         dynamo_plugin = TorchDynamoPlugin(backend='inductor', mode=mode)
+    profile_steps = train_cfg['profile_steps']
+    if isinstance(profile_steps, bool) or not isinstance(profile_steps, int) or profile_steps < 0:
+        raise SystemExit(f'error: train.profile_steps={profile_steps!r} must be a whole number of steps (0: no profile)')
     if int(train_cfg['checkpoint_epochs']) < 1:
         raise SystemExit(f"error: train.checkpoint_epochs={train_cfg['checkpoint_epochs']} must be at least 1")
     stop_after = train_cfg['stop_after_epochs']
@@ -485,6 +513,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     **({} if accelerator.is_local_main_process else {'disable': True}))
     start = time.perf_counter() - state.train_time
     stop = state.step >= total_steps
+    profiler = None
+    if train_cfg['profile_steps'] and accelerator.is_main_process:
+        # Early in the second epoch, past torch.compile's first steps; a shorter run profiles its last steps.
+        first = min(steps_per_epoch + 5, max(total_steps - train_cfg['profile_steps'] - 1, 0))
+        if state.step <= first:
+            profiler = start_profiler(out, train_cfg['profile_steps'], first - state.step, device)
     end_epoch = min(train_cfg['epochs'], stop_after or train_cfg['epochs'])
     while state.epoch < end_epoch and not stop:
         engine.train()
@@ -510,6 +544,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             state.step += 1
             state.batch = batch + 1
             progress.update(1)
+            if profiler is not None:
+                profiler.step()
             if state.step % train_cfg['log_every'] == 0:
                 check_finite(accelerator, window, window_start, last_ckpt)
                 losses = torch.stack(window).mean(0).tolist()
@@ -570,6 +606,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if save:
             last_ckpt = save_checkpoint(accelerator, out, state, train_cfg['keep_checkpoints'])
     progress.close()
+    if profiler is not None:
+        profiler.stop()
     accelerator.wait_for_everyone()
     results = finish(accelerator, config, args, out, model, state, data)
     accelerator.end_training()

@@ -168,7 +168,8 @@ def test_device_all_retries_a_failed_training_run_with_retry_args(tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
     env = {**os.environ, 'OUT': str(out), 'STAGES': 'train:digits', 'BUDGET_S': '280', 'MIN_STAGE_S': '10',
-           'FAST_ARGS': 'train.epochs=1 train.max_steps=2 train.mixed_precision=no train.channels_last=false',
+           'FAST_ARGS': 'train.epochs=1 train.max_steps=2 train.mixed_precision=no train.channels_last=false '
+                        'train.profile_steps=1',
            'TRAIN_ARGS': 'train.compile=bogus', 'RETRY_ARGS': 'train.compile=false'}
     proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -179,7 +180,7 @@ def test_device_all_retries_a_failed_training_run_with_retry_args(tmp_path):
         failed = tar.extractfile('digits-failed.log').read().decode()
         results = json.load(tar.extractfile('digits-results.json'))
     assert names == {'all-stages.txt', 'digits-failed.log', 'digits.log', 'digits-results.json',
-                     'digits-block_accuracy.png'}
+                     'digits-block_accuracy.png', 'digits-profile.txt'}
     assert re.fullmatch(r'train:digits: exit 1 after \d+ s', summary[0]), summary
     assert re.fullmatch(r'train:digits \(train.compile=false\): exit 0 after \d+ s', summary[1]), summary
     assert "train.compile='bogus'" in failed  # the first try's error is kept beside the retry's log

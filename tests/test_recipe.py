@@ -97,6 +97,19 @@ def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path, capsys):
     assert from_log['test_accuracy'] is None and from_json['test_accuracy']['fusion'] > 0
 
 
+def test_profile_steps_writes_where_the_time_goes_without_changing_training(tmp_path):
+    args = ['--config', DIGITS, 'train.epochs=2']
+    plain = recipe.main(args + [f'output_dir={tmp_path / "plain"}'])
+    profiled = recipe.main(args + [f'output_dir={tmp_path / "profiled"}', 'train.profile_steps=3'])
+    assert [h['val_block_acc'] for h in profiled['history']] == [h['val_block_acc'] for h in plain['history']]
+    assert not (tmp_path / 'plain' / 'profile.txt').exists()
+    profile = (tmp_path / 'profiled' / 'profile.txt').read_text()
+    assert profile.startswith('3 training steps;') and 'sorted by self_cpu_time_total:' in profile
+    assert 'aten::convolution' in profile and 'Optimizer.step' in profile  # the whole step: forward, backward, AdamW
+    with pytest.raises(SystemExit, match='train.profile_steps=-1 must be a whole number'):
+        recipe.main(args + [f'output_dir={tmp_path / "bad"}', 'train.profile_steps=-1'])
+
+
 def test_step_checkpoint_on_an_epochs_last_batch_resumes_into_the_next_epoch(tmp_path):
     """A step checkpoint due on an epoch's last batch is taken after the epoch's evaluation, not before it."""
     args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.epochs=2', 'train.checkpoint_every=21',

@@ -41,6 +41,8 @@ case $stage in
     #   train:DATASET          the recipe at the fast settings FAST_ARGS (batch 512, lr scaled by 4); skipped
     #                          when its data was not carried, or when the last such run took longer than what is left
     #   suite:compile          gpu_suite.py with torch.compile at batch 512
+    #   suite:graphs           gpu_suite.py with torch.compile's CUDA graphs (reduce-overhead) at batch 128-512 (its
+    #                          peak memory leaves out the graphs' pool, allocated while warming up)
     #   recipe:DATASET         the recipe at the config's own batch 128 and lr (the authors'): the reference curve;
     #                          last, as it may be cut off
     # A training run that fails (not cut off) is run again once with RETRY_ARGS (default train.compile=false; e.g.
@@ -55,8 +57,9 @@ case $stage in
     retry_args=${RETRY_ARGS-train.compile=false}
     last_train_s=0
     for stage_name in $stages; do
-      [[ $stage_name =~ ^(suite|suite:compile|(train|recipe):[a-z0-9_]+)$ ]] || {
-        echo "unknown stage $stage_name in STAGES: use suite, suite:compile, train:DATASET or recipe:DATASET" >&2
+      [[ $stage_name =~ ^(suite|suite:compile|suite:graphs|(train|recipe):[a-z0-9_]+)$ ]] || {
+        echo "unknown stage $stage_name in STAGES: use suite, suite:compile, suite:graphs, train:DATASET or" \
+          "recipe:DATASET" >&2
         exit 2
       }
     done
@@ -80,6 +83,9 @@ case $stage in
         suite) run_stage suite bash "$0" suite ${SUITE_ARGS:-} ;;
         suite:compile)
           run_stage suite:compile bash "$0" suite --compile --batch-sizes 512 --no-profile ${SUITE_ARGS:-} ;;
+        suite:graphs)
+          run_stage suite:graphs bash "$0" suite --compile --compile-mode reduce-overhead --batch-sizes 128 256 512 \
+            --no-profile ${SUITE_ARGS:-} ;;
         train:* | recipe:*)
           dataset=${stage_name#*:}
           if [[ $stage_name == train:* ]]; then name=$dataset args="$fast_args $train_args"
@@ -123,6 +129,7 @@ case $stage in
       train.test_every_epoch=true train.eval_batch_size=2000 "$@" 2>&1 | tee "$OUT/$name.log" || exit 1
     cp "/tmp/runs/$name/results.json" "$OUT/$name-results.json"
     cp "/tmp/runs/$name/block_accuracy.png" "$OUT/$name-block_accuracy.png"
+    [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
     if [ "${RETURN_WEIGHTS:-0}" = 1 ]; then
       # The tool returns files of at most 16 MiB (asge_cnn's weights are 37 MB): the export folder comes back as
       # 15 MiB parts. Here: cat <name>-export.tar.part-* | tar -xf - -C outputs/<name>/
