@@ -8,7 +8,7 @@ averages the whole run, torch.compile's compilation included; ``steady`` is the 
 
 A run cut off before it wrote ``results.json`` (a GPU call's time limit) is read from its log instead: the ``run:``
 line gives the command, commit and hardware, and every epoch line its accuracy and time; it has no final test.
-Logs older than the ``run:`` line take it from ``--log-run``.
+Logs older than the ``run:`` line take it from ``--log-run``. Pass a run's log only where its results.json is missing.
 
 Usage:
     python bench/accuracy_report.py outputs/fashion_mnist/results.json outputs/mnist/results.json
@@ -17,6 +17,7 @@ Usage:
 """
 import argparse
 import json
+import math
 import re
 import shlex
 import statistics
@@ -51,25 +52,40 @@ def steady_epoch_s(history: List[Dict[str, Any]]) -> Optional[float]:
 
 
 RUN_LINE = re.compile(r'run: (?P<command>.+) \| commit (?P<commit>\S+) \| (?P<hardware>.+)')
-TRAINING_LINE = re.compile(r'training (?P<model>\S+) \(.*\) on (?P<images>\d+) images')
+TRAINING_LINE = re.compile(r'training (?P<model>\S+) \(.*\) on (?P<images>\d+) images .* (?P<processes>\d+) process')
 EPOCH_LINE = re.compile(
     r'epoch (?P<epoch>\d+): val acc per block .* \| fusion (?P<val>[\d.]+)% \| train fusion [\d.]+%'
     r'(?: \| test fusion (?P<test>[\d.]+)%)? \| so far (?P<step>[\d.]+) s in training steps, (?P<all>[\d.]+) s in all')
 
 
+def has_run_line(path: Path) -> bool:
+    return path.suffix == '.log' and RUN_LINE.search(path.read_text(errors='replace')) is not None
+
+
 def results_from_log(path: Path, run_line: Optional[str] = None) -> Dict[str, Any]:
-    """What ``summarise`` needs, read off a training log (no final test: ``test_accuracy`` is None)."""
+    """What ``summarise`` needs, read off a training log (no final test: ``test_accuracy`` is None).
+
+    The recipe settings come from the logged command through the recipe's own loader, so from the config file as it
+    is in this checkout, not at the logged commit.
+    """
     text = path.read_text(errors='replace')
     run = RUN_LINE.search(text) or (RUN_LINE.fullmatch(f'run: {run_line}') if run_line else None)
     training = TRAINING_LINE.search(text)
     if run is None or training is None:
         raise SystemExit(f"error: {path} has no 'run:' line (logs before it: pass --log-run \"COMMAND | commit HASH "
                          f"| HARDWARE\") or no 'training ...' line; is it a recipes/train.py log?")
-    sys.path.insert(0, str(REPO / 'recipes'))
+    if str(REPO / 'recipes') not in sys.path:
+        sys.path.insert(0, str(REPO / 'recipes'))
     from train import load_config  # the recipe's own defaults + YAML + overrides
 
-    argv = shlex.split(run['command'])[2:]  # after `python recipes/train.py` / `accelerate launch`
-    config_file = argv[argv.index('--config') + 1] if '--config' in argv else None
+    words = shlex.split(run['command'])
+    argv = words[next(i for i, w in enumerate(words) if w.endswith('train.py')) + 1:]
+    config_file = None
+    for i, word in enumerate(argv):
+        if word == '--config' and i + 1 < len(argv):
+            config_file = argv[i + 1]
+        elif word.startswith('--config='):
+            config_file = word.split('=', 1)[1]
     config = load_config(config_file and str(REPO / config_file), [a for a in argv if '=' in a and a[0] != '-'])
     history = []
     for m in EPOCH_LINE.finditer(text):
@@ -79,16 +95,22 @@ def results_from_log(path: Path, run_line: Optional[str] = None) -> Dict[str, An
             history[-1]['test_fusion_acc'] = float(m['test']) / 100
     if not history:
         raise SystemExit(f'error: {path} has no finished epoch')
-    epochs = len({h['epoch'] for h in history})
+    # Times run on across a resume (the log holds only the resumed part then): count epochs the same way.
+    epochs = max(h['epoch'] for h in history) + 1
+    # As in results.json: whole batches per process, the last one padded.
+    batch, processes = config['train']['batch_size'], int(training['processes'])
+    steps_per_epoch = math.ceil(int(training['images']) / (batch * processes))
     return {
         'model': training['model'], 'dataset': {'name': config['name']}, 'recipe': config, 'command': run['command'],
-        'commit': run['commit'], 'hardware': run['hardware'], 'epochs': epochs,
-        'images': int(training['images']) * epochs, 'step_time_s': history[-1]['step_time_s'],
-        'train_time_s': history[-1]['time_s'], 'best_epoch': None, 'test_accuracy': None, 'history': history,
+        'commit': None if run['commit'] == 'None' else run['commit'], 'hardware': run['hardware'],
+        'epochs': epochs, 'steps': steps_per_epoch * epochs, 'num_processes': processes,
+        'step_time_s': history[-1]['step_time_s'], 'train_time_s': history[-1]['time_s'], 'best_epoch': None,
+        'test_accuracy': None, 'history': history,
     }
 
 
 def summarise(path: Path, run_line: Optional[str] = None) -> Dict[str, Any]:
+    """One report row from a run's ``results.json`` or, for a run cut off before it, its log."""
     results = results_from_log(path, run_line) if path.suffix == '.log' else json.loads(path.read_text())
     name = results['dataset']['name']
     # A run stopped mid-epoch and resumed records that epoch twice: keep the last record of each epoch.
@@ -101,7 +123,7 @@ def summarise(path: Path, run_line: Optional[str] = None) -> Dict[str, Any]:
     target = TARGET.get(name)
     reached = first_epoch_at(history, target) if target else None
     # Every step trains batch_size images per process (the epoch's last shard is padded to a full batch).
-    images = results.get('images') or results['steps'] * train_cfg['batch_size'] * results.get('num_processes', 1)
+    images = results['steps'] * train_cfg['batch_size'] * results.get('num_processes', 1)
     test_accuracy = results['test_accuracy'] and {k: 100 * v for k, v in results['test_accuracy'].items()}
     return dict(
         file=str(path), dataset=name, model=results['model'], hardware=results['hardware'], commit=results['commit'],
@@ -129,6 +151,7 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def target_status(row: Dict[str, Any]) -> str:
+    """'met' / 'NOT met' for a finished run, 'cut off' for a log without a final test, '-' without a target."""
     if not row['target']:
         return '-'
     if row['test_accuracy'] is None:
@@ -137,6 +160,7 @@ def target_status(row: Dict[str, Any]) -> str:
 
 
 def main() -> None:
+    """Print the report table and, with ``--out``, write it as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('results', nargs='+', type=Path, help='results.json files or logs (*.log) of recipe runs')
     parser.add_argument('--log-run', default=None,
@@ -144,6 +168,10 @@ def main() -> None:
     parser.add_argument('--out', type=Path, default=None, help='JSON to write (default: print only)')
     parser.add_argument('--note', default=None, help='a remark kept in the JSON (when and how the runs were made)')
     args = parser.parse_args()
+    without_run_line = [str(p) for p in args.results if p.suffix == '.log' and not has_run_line(p)]
+    if args.log_run and len(without_run_line) > 1:
+        parser.error(f"--log-run names one run, but {', '.join(without_run_line)} all lack a 'run:' line: "
+                     f'report them one at a time')
     rows = [summarise(path, args.log_run) for path in args.results]
 
     header = (f"{'dataset':<14} {'epochs':>6} {'batch':>5} {'prec':>5} {'fusion %':>8} {'last %':>7} {'best %':>7} "

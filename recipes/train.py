@@ -16,6 +16,7 @@ import difflib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -203,7 +204,7 @@ def run_command(argv: List[str]) -> str:
     # `accelerate launch` exports ACCELERATE_MIXED_PRECISION to the processes it starts; a plain `python` run
     # (bench/device/run.sh) is recorded as such.
     launcher = 'accelerate launch' if 'ACCELERATE_MIXED_PRECISION' in os.environ else 'python'
-    return ' '.join([launcher, 'recipes/train.py'] + argv)
+    return shlex.join([*launcher.split(), 'recipes/train.py', *argv])
 
 
 def git_commit() -> Optional[str]:
@@ -325,26 +326,54 @@ def build_model(config: Dict[str, Any], num_classes: int):
     return model
 
 
-def start_profiler(out: Path, steps: int, skip: int, device: torch.device) -> torch.profiler.profile:
-    """A profiler over ``steps`` training steps after ``skip`` more (call ``.step()`` after each) that writes
-    ``profile.txt``: where a step's time goes on the host and on the device."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == 'cuda':
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+class StepProfiler:
+    """torch.profiler over a window of training steps; ``write`` puts its tables (self time per op, on the device and
+    on the host) in ``profile.txt``. Recording slows the profiled steps."""
 
-    def write(prof: torch.profiler.profile) -> None:
-        events = prof.key_averages()
-        sections = [f'{steps} training steps; self times summed over them (divide by {steps} for one step)']
-        for sort_by in (['self_cuda_time_total'] if device.type == 'cuda' else []) + ['self_cpu_time_total']:
+    def __init__(self, first: int, steps: int, done: int, device: torch.device):
+        """
+        Args:
+            first: Steps trained before the window opens; one more warm-up step keeps the profiler's start-up out.
+            steps: Steps recorded.
+            done: Steps trained so far (at most ``first``: a resumed run).
+            device: The training device (CUDA adds device times).
+        """
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == 'cuda':
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.first, self.steps, self.device = first, steps, device
+        schedule = torch.profiler.schedule(skip_first=first - done, wait=0, warmup=1, active=steps, repeat=1)
+        self.profiler = torch.profiler.profile(activities=activities, schedule=schedule)
+        self.profiler.start()
+        self.recording = True
+
+    def step(self, done: int) -> bool:
+        """Call after every training step with the steps trained so far; True once the window has closed."""
+        if self.recording:
+            self.profiler.step()
+            if done >= self.first + 1 + self.steps:  # the schedule has closed the trace; nothing more to record
+                self.stop()
+                return True
+        return False
+
+    def stop(self) -> None:
+        if self.recording:
+            self.profiler.stop()
+            self.recording = False
+
+    def write(self, path: Path, done: int) -> None:
+        """Write the tables of the steps recorded (fewer than ``steps`` if the run ended inside the window)."""
+        self.stop()
+        recorded = min(max(done - self.first - 1, 0), self.steps)
+        if not recorded:
+            return
+        events = self.profiler.key_averages()
+        sections = [f'{recorded} training steps; self times summed over them (divide by {recorded} for one step)']
+        sort_keys = (['self_cuda_time_total'] if self.device.type == 'cuda' else []) + ['self_cpu_time_total']
+        for sort_by in sort_keys:
             sections.append(f'sorted by {sort_by}:\n' + events.table(sort_by=sort_by, row_limit=30))
-        with atomic_path(out / 'profile.txt') as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text('\n\n'.join(sections) + '\n')
-
-    # One warm-up step: the profiler's own start-up cost stays out of the table.
-    schedule = torch.profiler.schedule(skip_first=skip, wait=0, warmup=1, active=steps, repeat=1)
-    profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=write)
-    profiler.start()
-    return profiler
 
 
 def check_finite(accelerator: Accelerator, window: List[torch.Tensor], first_step: int, checkpoint: str) -> None:
@@ -449,7 +478,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         dynamo_plugin = TorchDynamoPlugin(backend='inductor', mode=mode)
     profile_steps = train_cfg['profile_steps']
     if isinstance(profile_steps, bool) or not isinstance(profile_steps, int) or profile_steps < 0:
-        raise SystemExit(f'error: train.profile_steps={profile_steps!r} must be a whole number of steps (0: no profile)')
+        raise SystemExit(f'error: train.profile_steps={profile_steps!r} must be a whole number of steps '
+                         f'(0: no profile)')
     if int(train_cfg['checkpoint_epochs']) < 1:
         raise SystemExit(f"error: train.checkpoint_epochs={train_cfg['checkpoint_epochs']} must be at least 1")
     stop_after = train_cfg['stop_after_epochs']
@@ -513,13 +543,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     **({} if accelerator.is_local_main_process else {'disable': True}))
     start = time.perf_counter() - state.train_time
     stop = state.step >= total_steps
-    profiler = None
-    if train_cfg['profile_steps'] and accelerator.is_main_process:
-        # Early in the second epoch, past torch.compile's first steps; a shorter run profiles its last steps.
-        first = min(steps_per_epoch + 5, max(total_steps - train_cfg['profile_steps'] - 1, 0))
-        if state.step <= first:
-            profiler = start_profiler(out, train_cfg['profile_steps'], first - state.step, device)
     end_epoch = min(train_cfg['epochs'], stop_after or train_cfg['epochs'])
+    profiler = None
+    if profile_steps and accelerator.is_main_process:
+        # Early in the second epoch, past torch.compile's first steps; a shorter run profiles its last steps. A window
+        # across an epoch's end would also hold that epoch's evaluation.
+        run_steps = min(total_steps, end_epoch * steps_per_epoch)
+        first = min(steps_per_epoch + 5, max(run_steps - profile_steps - 1, 0))
+        steps = min(profile_steps, run_steps - first - 1)
+        if state.step <= first and steps > 0:
+            profiler = StepProfiler(first, steps, state.step, device)
+        else:
+            accelerator.print(f'train.profile_steps={profile_steps}: nothing to profile in steps {state.step + 1}-'
+                              f'{run_steps} (the profile needs a warm-up step first)')
     while state.epoch < end_epoch and not stop:
         engine.train()
         correct_sum = torch.zeros(num_blocks + 1, device=device, dtype=torch.long)
@@ -544,8 +580,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             state.step += 1
             state.batch = batch + 1
             progress.update(1)
-            if profiler is not None:
-                profiler.step()
+            if profiler is not None and profiler.step(state.step):
+                # Written now, so a run cut off later still has it; the tables' building is not training time.
+                synchronize(device)
+                paused = time.perf_counter()
+                profiler.write(out / 'profile.txt', state.step)
+                profiler = None
+                epoch_start += time.perf_counter() - paused
             if state.step % train_cfg['log_every'] == 0:
                 check_finite(accelerator, window, window_start, last_ckpt)
                 losses = torch.stack(window).mean(0).tolist()
@@ -606,8 +647,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         if save:
             last_ckpt = save_checkpoint(accelerator, out, state, train_cfg['keep_checkpoints'])
     progress.close()
-    if profiler is not None:
-        profiler.stop()
+    if profiler is not None:  # the run ended inside the window
+        profiler.write(out / 'profile.txt', state.step)
     accelerator.wait_for_everyone()
     results = finish(accelerator, config, args, out, model, state, data)
     accelerator.end_training()

@@ -104,10 +104,11 @@ def _epoch_line(epoch, val, test, step_s, all_s):
 
 def test_accuracy_report_reads_a_cut_off_log(tmp_path, capsys, monkeypatch):
     """A run killed at a GPU call's limit leaves only its log: curve, times and recipe come from it, no final test."""
-    command = ('python recipes/train.py --config recipes/configs/fashion_mnist.yaml data.path=device_data/fashion_mnist '
-               'train.mixed_precision=bf16 train.compile=true')
+    command = ('python recipes/train.py --config recipes/configs/fashion_mnist.yaml '
+               'data.path=device_data/fashion_mnist train.mixed_precision=bf16 train.compile=true')
     head = ['torch 2.11.0+cu130 timm 1.0.29 ...',
-            'training asge_cnn (9,171,722 parameters, 7 blocks) on 50000 images (10000 validation, 10000 test), ...']
+            'training asge_cnn (9,171,722 parameters, 7 blocks) on 50000 images (10000 validation, 10000 test), '
+            '1 process(es) on cuda, fused mode']
     epochs = [_epoch_line(1, 88.0, 87.5, 25.6, 25.8), _epoch_line(2, 93.0, 93.5, 28.0, 28.5),
               _epoch_line(3, 93.1, 93.2, 30.4, 31.2)]
     log = tmp_path / 'fashion_mnist-recipe.log'
@@ -122,7 +123,8 @@ def test_accuracy_report_reads_a_cut_off_log(tmp_path, capsys, monkeypatch):
                                                                       'abc123', 'bf16')
     assert row['test_accuracy'] is None and not row['target_met']
     assert row['time_to_target'] == {'epoch': 2, 'step_time_s': 28.0, 'wall_time_s': 28.5}
-    assert row['steady_epoch_s'] == pytest.approx(2.4) and row['images_per_s'] == pytest.approx(3 * 50_000 / 30.4)
+    # 391 steps an epoch, the last batch padded, as results.json counts them.
+    assert row['steady_epoch_s'] == pytest.approx(2.4) and row['images_per_s'] == pytest.approx(3 * 391 * 128 / 30.4)
     assert row['test_fusion_by_epoch'] == [87.5, 93.5, 93.2]
     # Logs from now on carry the run line themselves; a later override wins over the config file.
     log.write_text('\n'.join([f'run: {command} train.batch_size=512 | commit def456 | 1 x NVIDIA H100'] + head
@@ -132,6 +134,20 @@ def test_accuracy_report_reads_a_cut_off_log(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['accuracy_report.py', str(log)])
     accuracy_report.main()
     assert re.search(r'fashion_mnist +1/100 +512 +bf16 +- +- +- +93\.41 +cut off', capsys.readouterr().out)
+    # The log of a resumed run starts later; its times run on from the checkpoint, so its epochs count from 1 too.
+    log.write_text('\n'.join([f'run: {command} | commit def456 | 1 x NVIDIA H100'] + head + [
+        _epoch_line(11, 90.0, 90.0, 26.0, 30.0), _epoch_line(12, 90.5, 90.4, 28.4, 33.0)]) + '\n')
+    row = summarise(log)
+    assert row['epochs'] == 12 and row['epoch_s'] == pytest.approx(28.4 / 12)
+    # One --log-run line cannot describe two different old logs.
+    other = tmp_path / 'cifar10-recipe.log'
+    other.write_text('\n'.join(head + epochs) + '\n')
+    older = tmp_path / 'older.log'
+    older.write_text('\n'.join(head + epochs) + '\n')
+    monkeypatch.setattr(sys, 'argv', ['accuracy_report.py', str(other), str(older), '--log-run', run])
+    with pytest.raises(SystemExit):
+        accuracy_report.main()
+    assert "--log-run names one run, but" in capsys.readouterr().err
 
 
 def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):

@@ -67,10 +67,16 @@ case $stage in
     : > "$summary"
     run_stage() {  # run_stage NAME COMMAND...: run within what is left of the budget; sets rc and took
       local left=$((deadline - SECONDS)) began=$SECONDS note=''
+      if [ "$left" -lt "${MIN_STAGE_S:-60}" ]; then  # (timeout 0 would mean no limit at all)
+        rc=124 took=0
+        echo "$1: skipped, $left s of the budget left" | tee -a "$summary"
+        return
+      fi
       echo "== $1 (${left} s of the budget left)"
       timeout --kill-after=10 "$left" "${@:2}"
       rc=$? took=$((SECONDS - began))
-      [ "$rc" = 124 ] && note=' (cut off at the budget)'
+      # 124: stopped at the budget; 137: killed 10 s later, as it did not stop.
+      [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=' (cut off at the budget)'
       echo "$1: exit $rc$note after $took s" | tee -a "$summary"
     }
     for stage_name in $stages; do
@@ -101,12 +107,15 @@ case $stage in
             continue
           fi
           run_stage "$stage_name" env RUN_NAME="$name" bash "$0" train "$dataset" $args
-          if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ -n "$retry_args" ] && [[ " $args " != *" $retry_args "* ]]; then
+          if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$rc" != 137 ] && [ -n "$retry_args" ] &&
+            [[ " $args " != *" $retry_args "* ]]; then
             [ -f "$OUT/$name.log" ] && mv "$OUT/$name.log" "$OUT/$name-failed.log"
             train_args="$train_args $retry_args" args="$args $retry_args"
             run_stage "$stage_name ($retry_args)" env RUN_NAME="$name" bash "$0" train "$dataset" $args
           fi
           [[ $stage_name == train:* ]] && [ "$rc" = 0 ] && last_train_s=$took
+          # A run cut off at the budget never reached `train`'s own copy; its profile (epoch 2) may be there.
+          [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
           ;;
       esac
     done
@@ -124,12 +133,12 @@ case $stage in
     name=${RUN_NAME:-$dataset}  # names the output folder and the files sent back
     data=()
     [ -d "device_data/$dataset" ] && data=(data.path="device_data/$dataset")
+    rm -f "/tmp/runs/$name/profile.txt"  # not an earlier run's, on a machine kept warm between calls
     python3 recipes/train.py --config "recipes/configs/$dataset.yaml" "${data[@]}" output_dir="/tmp/runs/$name" \
       train.mixed_precision=bf16 train.channels_last=true train.compile=true train.checkpoint_epochs=1000 \
       train.test_every_epoch=true train.eval_batch_size=2000 "$@" 2>&1 | tee "$OUT/$name.log" || exit 1
     cp "/tmp/runs/$name/results.json" "$OUT/$name-results.json"
     cp "/tmp/runs/$name/block_accuracy.png" "$OUT/$name-block_accuracy.png"
-    [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
     if [ "${RETURN_WEIGHTS:-0}" = 1 ]; then
       # The tool returns files of at most 16 MiB (asge_cnn's weights are 37 MB): the export folder comes back as
       # 15 MiB parts. Here: cat <name>-export.tar.part-* | tar -xf - -C outputs/<name>/
