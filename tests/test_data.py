@@ -69,6 +69,22 @@ def test_augmentation_is_per_sample_seeded_and_in_range():
     assert 3 <= grey.sum() <= 25  # p = 0.2 of 64 images
 
 
+def test_colour_jitter_is_torchvisions_for_brightness_contrast_saturation():
+    """Given the factors it draws, the jitter gives what torchvision's functional ops give, image by image."""
+    import torchvision.transforms.functional as TF
+    images = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = augment_batch(images, torch.Generator().manual_seed(5), color_jitter=(0.4, 0.4, 0.4, 0.0))
+    replay = torch.Generator().manual_seed(5)  # the same draws, in augment_batch's order
+    factors = [torch.rand(16, generator=replay) * 0.8 + 0.6 for _ in range(3)]
+    for i, image in enumerate(images):
+        want = TF.adjust_brightness(image, factors[0][i].item())
+        want = TF.adjust_contrast(want, factors[1][i].item())
+        want = TF.adjust_saturation(want, factors[2][i].item())
+        torch.testing.assert_close(out[i], want, atol=1e-6, rtol=0)
+    # Strong factors push pixels past [0, 1]; clamping after each op (as torchvision does) keeps them there.
+    assert out.min() >= 0 and out.max() <= 1 and (out == 1).any()
+
+
 def test_crop_and_flip_move_pixels_as_documented():
     image = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4) / 16
     flipped = [augment_batch(image, torch.Generator().manual_seed(s), hflip=True) for s in range(20)]

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -297,7 +297,8 @@ def augment_batch(
         crop_padding: Random crop of the original size from the image zero-padded by this many pixels.
         hflip: Horizontal flip with probability 0.5.
         color_jitter: (brightness, contrast, saturation, hue) as in torchvision's ColorJitter, applied in that
-            fixed order (torchvision shuffles the order per image); RGB only.
+            fixed order (torchvision shuffles the order per image); RGB only. Brightness, contrast and saturation
+            are torchvision's (same blends, clamped after each); hue turns in YIQ space instead of HSV.
         grayscale_p: Probability of replacing an RGB image by its greyscale version.
     """
     b, c, h, w = images.shape
@@ -320,24 +321,28 @@ def augment_batch(
     if c == 3 and color_jitter:
         brightness, contrast, saturation, hue = color_jitter
         if brightness:
-            images = images * uniform(1 - brightness, 1 + brightness)
+            images = _blend(images, 0.0, uniform(1 - brightness, 1 + brightness))
         if contrast:
             mean = _gray(images).mean(dim=(1, 2, 3), keepdim=True)
-            images = torch.lerp(mean, images, uniform(1 - contrast, 1 + contrast))
+            images = _blend(images, mean, uniform(1 - contrast, 1 + contrast))
         if saturation:
-            images = torch.lerp(_gray(images), images, uniform(1 - saturation, 1 + saturation))
+            images = _blend(images, _gray(images), uniform(1 - saturation, 1 + saturation))
         if hue:
-            images = _rotate_hue(images.clamp(0, 1), uniform(-hue, hue))
-        images = images.clamp(0, 1)
+            images = _rotate_hue(images, uniform(-hue, hue)).clamp(0, 1)
     if c == 3 and grayscale_p:
         to_gray = torch.rand(b, 1, 1, 1, device=device, generator=generator) < grayscale_p
         images = torch.where(to_gray, _gray(images).expand_as(images), images)
     return images
 
 
+def _blend(images: torch.Tensor, other: Union[torch.Tensor, float], ratio: torch.Tensor) -> torch.Tensor:
+    """torchvision's blend: ``ratio * images + (1 - ratio) * other``, clamped to [0, 1]."""
+    return (ratio * images + (1.0 - ratio) * other).clamp(0, 1)
+
+
 def _gray(images: torch.Tensor) -> torch.Tensor:
     r, g, b = images.unbind(1)
-    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # torchvision's weights
 
 
 def _rotate_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
