@@ -79,7 +79,10 @@ def results_from_log(path: Path, run_line: Optional[str] = None) -> Dict[str, An
     from train import load_config  # the recipe's own defaults + YAML + overrides
 
     words = shlex.split(run['command'])
-    argv = words[next(i for i, w in enumerate(words) if w.endswith('train.py')) + 1:]
+    script = next((i for i, word in enumerate(words) if word.endswith('train.py')), None)
+    if script is None:
+        raise SystemExit(f"error: the run line of {path} names no recipes/train.py command: {run['command']!r}")
+    argv = words[script + 1:]
     config_file = None
     for i, word in enumerate(argv):
         if word == '--config' and i + 1 < len(argv):

@@ -347,14 +347,16 @@ class StepProfiler:
         self.profiler.start()
         self.recording = True
 
-    def step(self, done: int) -> bool:
-        """Call after every training step with the steps trained so far; True once the window has closed."""
+    def closes_after(self, done: int) -> bool:
+        """Whether the step that brings the count to ``done`` is the window's last."""
+        return done >= self.first + 1 + self.steps
+
+    def step(self, done: int) -> None:
+        """Call after every training step with the steps trained so far."""
         if self.recording:
             self.profiler.step()
-            if done >= self.first + 1 + self.steps:  # the schedule has closed the trace; nothing more to record
+            if self.closes_after(done):  # the schedule has closed the trace; nothing more to record
                 self.stop()
-                return True
-        return False
 
     def stop(self) -> None:
         if self.recording:
@@ -374,6 +376,16 @@ class StepProfiler:
             sections.append(f'sorted by {sort_by}:\n' + events.table(sort_by=sort_by, row_limit=30))
         with atomic_path(path) as tmp:
             tmp.write_text('\n\n'.join(sections) + '\n')
+
+
+def write_profile(accelerator: Accelerator, profiler: StepProfiler, path: Path, done: int) -> None:
+    """Close the profiler's window and write its tables; a failure there is a warning, never the run's end."""
+    try:
+        profiler.step(done)
+        profiler.write(path, done)
+    except Exception as err:  # noqa: BLE001 (a diagnostic must not stop training, nor leave other ranks waiting)
+        profiler.recording = False
+        accelerator.print(f'warning: no profile written to {path}: {err}')
 
 
 def check_finite(accelerator: Accelerator, window: List[torch.Tensor], first_step: int, checkpoint: str) -> None:
@@ -546,16 +558,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     end_epoch = min(train_cfg['epochs'], stop_after or train_cfg['epochs'])
     profiler = None
     if profile_steps and accelerator.is_main_process:
-        # Early in the second epoch, past torch.compile's first steps; a shorter run profiles its last steps. A window
-        # across an epoch's end would also hold that epoch's evaluation.
+        # Early in the second epoch, past torch.compile's first steps; a shorter run profiles its last steps.
         run_steps = min(total_steps, end_epoch * steps_per_epoch)
         first = min(steps_per_epoch + 5, max(run_steps - profile_steps - 1, 0))
-        steps = min(profile_steps, run_steps - first - 1)
-        if state.step <= first and steps > 0:
+        if state.step:  # resumed: past the steps that compile again
+            first = max(first, state.step + 5)
+        epoch_end = (first // steps_per_epoch + 1) * steps_per_epoch  # no evaluation inside the window
+        steps = min(profile_steps, run_steps - first - 1, epoch_end - first - 1)
+        if steps > 0:
             profiler = StepProfiler(first, steps, state.step, device)
         else:
-            accelerator.print(f'train.profile_steps={profile_steps}: nothing to profile in steps {state.step + 1}-'
-                              f'{run_steps} (the profile needs a warm-up step first)')
+            accelerator.print(f'train.profile_steps={profile_steps}: no steps left to profile in this run (after a '
+                              f'warm-up step, within one epoch)')
     while state.epoch < end_epoch and not stop:
         engine.train()
         correct_sum = torch.zeros(num_blocks + 1, device=device, dtype=torch.long)
@@ -580,13 +594,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             state.step += 1
             state.batch = batch + 1
             progress.update(1)
-            if profiler is not None and profiler.step(state.step):
-                # Written now, so a run cut off later still has it; the tables' building is not training time.
+            if profiler is not None and profiler.closes_after(state.step):
+                # Closing the trace and writing its tables now (so a run cut off later still has them) is not
+                # training time.
                 synchronize(device)
                 paused = time.perf_counter()
-                profiler.write(out / 'profile.txt', state.step)
+                write_profile(accelerator, profiler, out / 'profile.txt', state.step)
                 profiler = None
                 epoch_start += time.perf_counter() - paused
+            elif profiler is not None:
+                profiler.step(state.step)
             if state.step % train_cfg['log_every'] == 0:
                 check_finite(accelerator, window, window_start, last_ckpt)
                 losses = torch.stack(window).mean(0).tolist()
@@ -648,7 +665,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             last_ckpt = save_checkpoint(accelerator, out, state, train_cfg['keep_checkpoints'])
     progress.close()
     if profiler is not None:  # the run ended inside the window
-        profiler.write(out / 'profile.txt', state.step)
+        write_profile(accelerator, profiler, out / 'profile.txt', state.step)
     accelerator.wait_for_everyone()
     results = finish(accelerator, config, args, out, model, state, data)
     accelerator.end_training()

@@ -113,7 +113,7 @@ def test_profile_steps_writes_where_the_time_goes_without_changing_training(tmp_
     assert (tmp_path / 'one' / 'profile.txt').read_text().startswith('4 training steps;')
     capsys.readouterr()
     recipe.main(args + [f'output_dir={tmp_path / "short"}', 'train.profile_steps=4', 'train.max_steps=1'])
-    assert 'train.profile_steps=4: nothing to profile in steps 1-1' in capsys.readouterr().out
+    assert 'train.profile_steps=4: no steps left to profile in this run' in capsys.readouterr().out
     assert not (tmp_path / 'short' / 'profile.txt').exists()
 
 

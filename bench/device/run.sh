@@ -114,7 +114,7 @@ case $stage in
             run_stage "$stage_name ($retry_args)" env RUN_NAME="$name" bash "$0" train "$dataset" $args
           fi
           [[ $stage_name == train:* ]] && [ "$rc" = 0 ] && last_train_s=$took
-          # A run cut off at the budget never reached `train`'s own copy; its profile (epoch 2) may be there.
+          # A run cut off at the budget was killed before `train` copied its profile (written in epoch 2).
           [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
           ;;
       esac
@@ -136,7 +136,10 @@ case $stage in
     rm -f "/tmp/runs/$name/profile.txt"  # not an earlier run's, on a machine kept warm between calls
     python3 recipes/train.py --config "recipes/configs/$dataset.yaml" "${data[@]}" output_dir="/tmp/runs/$name" \
       train.mixed_precision=bf16 train.channels_last=true train.compile=true train.checkpoint_epochs=1000 \
-      train.test_every_epoch=true train.eval_batch_size=2000 "$@" 2>&1 | tee "$OUT/$name.log" || exit 1
+      train.test_every_epoch=true train.eval_batch_size=2000 "$@" 2>&1 | tee "$OUT/$name.log"
+    status=$?
+    [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
+    [ "$status" = 0 ] || exit 1
     cp "/tmp/runs/$name/results.json" "$OUT/$name-results.json"
     cp "/tmp/runs/$name/block_accuracy.png" "$OUT/$name-block_accuracy.png"
     if [ "${RETURN_WEIGHTS:-0}" = 1 ]; then
