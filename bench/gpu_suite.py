@@ -49,6 +49,7 @@ from cpu_throughput import environment, write_record  # bench/ is on sys.path wh
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ('fused', 'lean', 'backprop')
+CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')  # torch.compile modes that wrap graphs in CUDA graphs
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s from the vendor data sheets, matched on the device name.
 PEAK_BF16_FLOPS = (
     ('H200', 989e12),
@@ -161,6 +162,7 @@ def build(args, variant: str, batch_size: int, device: torch.device):
 
 def measure(args, variant: str, batch_size: int, device: torch.device, peak: Optional[float]) -> Dict[str, Any]:
     model, step = build(args, variant, batch_size, device)
+    skips_before = torch._dynamo.utils.counters['inductor']['cudagraph_skips']
     for _ in range(args.warmup):
         step()
     model.zero_grad(set_to_none=True)  # so the step's own gradients count in its peak, not in the baseline
@@ -186,6 +188,9 @@ def measure(args, variant: str, batch_size: int, device: torch.device, peak: Opt
         train_gflop_per_image=flops_per_image / 1e9,
         achieved_tflops=flops_per_image * images_per_s / 1e12,
         flop_utilisation=flops_per_image * images_per_s / peak if peak else None,
+        # Inductor falls back from CUDA graphs silently (reason in the off-by-default `cudagraphs` log).
+        cudagraph_skips=(torch._dynamo.utils.counters['inductor']['cudagraph_skips'] - skips_before
+                         if args.compile and args.compile_mode in CUDAGRAPH_MODES and device.type == 'cuda' else None),
     )
 
 
@@ -275,7 +280,10 @@ def main() -> None:
                 if device.type == 'cuda':
                     torch.cuda.empty_cache()
             if rows and rows[-1]['variant'] == variant and rows[-1]['batch_size'] == batch_size:
-                print(f"  {variant:<9} batch {batch_size:>5}: {rows[-1]['images_per_s']:.1f} img/s", file=sys.stderr)
+                skipped = rows[-1]['cudagraph_skips']
+                print(f"  {variant:<9} batch {batch_size:>5}: {rows[-1]['images_per_s']:.1f} img/s"
+                      + (f' (CUDA graphs skipped {skipped} time(s): TORCH_LOGS=cudagraphs says why)' if skipped
+                         else ''), file=sys.stderr)
 
     profiles = [profile(args, variant, device, args.profile_rows) for variant in args.variants] if args.profile else []
 
@@ -287,6 +295,10 @@ def main() -> None:
     print(f"peak bf16: {peak / 1e12:.0f} TFLOP/s" if peak else 'peak FLOP/s unknown: utilisation not computed')
     print('\n(a) throughput, (b) peak step memory, (c) FLOP utilisation')
     print(_table(rows))
+    for r in rows:
+        if r['cudagraph_skips']:
+            print(f"{r['variant']} at batch {r['batch_size']}: CUDA graphs skipped {r['cudagraph_skips']} time(s), "
+                  f"so that row is not a CUDA-graph figure (TORCH_LOGS=cudagraphs says why)")
     print(f'\nmemory at batch {args.memory_batch}: max_memory_allocated - allocated before the step '
           f"({'CUDA' if device.type == 'cuda' else 'CPU: live tensor bytes counted at dispatch'}); "
           '"act. MiB fp32" is the analytic float32 activation model (bf16 autocast stores less)')

@@ -96,6 +96,7 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')  # the modes that wrap compiled graphs in CUDA graphs
 
 
 class JsonlTracker(GeneralTracker):
@@ -432,6 +433,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cudagraph_skips(device: torch.device, compile_mode: Any) -> Optional[int]:
+    """How often torch.compile ran a graph without the CUDA graphs its mode asked for (None: none were asked for).
+
+    Inductor falls back silently (the reason goes to the ``cudagraphs`` log, off by default), and a graph that falls
+    back is launch-bound again, so the recipe says so in its log and in results.json.
+    """
+    if device.type != 'cuda' or compile_mode not in CUDAGRAPH_MODES:
+        return None
+    import torch._dynamo.utils  # the counters inductor bumps on every fallback
+    return int(torch._dynamo.utils.counters['inductor']['cudagraph_skips'])
+
+
 def latest_checkpoint(out: Path) -> Optional[Path]:
     found = sorted((out / 'checkpoints').glob('step_*'))
     return found[-1] if found else None
@@ -556,7 +569,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     start = time.perf_counter() - state.train_time
     stop = state.step >= total_steps
     end_epoch = min(train_cfg['epochs'], stop_after or train_cfg['epochs'])
-    profiler = None
+    profiler, skips_reported = None, False
     if profile_steps and accelerator.is_main_process:
         # Early in the second epoch, past torch.compile's first steps; a shorter run profiles its last steps.
         run_steps = min(total_steps, end_epoch * steps_per_epoch)
@@ -650,6 +663,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             f"{' '.join(f'{100 * a:.1f}' for a in record['val_block_acc'])} | fusion "
             f"{100 * record['val_fusion_acc']:.2f}% | train fusion {100 * record['train_fusion_acc']:.2f}%{test_part}"
             f" | so far {record['step_time_s']:.1f} s in training steps, {record['time_s']:.1f} s in all")
+        skips = cudagraph_skips(device, train_cfg['compile'])
+        if skips and not skips_reported:
+            skips_reported = True
+            accelerator.print(f"warning: train.compile={train_cfg['compile']} skipped CUDA graphs {skips} time(s), so "
+                              f"the step is launch-bound again; rerun with TORCH_LOGS=cudagraphs to see why")
         if metric > state.best_metric:
             state.best_metric, state.best_epoch = metric, state.epoch
             if accelerator.is_main_process:
@@ -731,6 +749,7 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
         'steps': state.step,
         'train_time_s': round(state.train_time, 2),
         'step_time_s': round(state.step_time, 2),
+        'cudagraph_skips': cudagraph_skips(accelerator.device, config['train']['compile']),
         'best_epoch': state.best_epoch + 1,
         'best_block': best_block,
         'prediction': config['model']['prediction'],

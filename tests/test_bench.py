@@ -174,6 +174,7 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     assert re.fullmatch(r'suite:compile: skipped, \d+ s of the budget left', summary[2]), summary
     assert suite['environment']['toy'] and suite['settings']['model'] == 'asge_cnn_tiny'
     assert {r['variant'] for r in suite['results']} == {'fused', 'lean', 'backprop'}
+    assert all(r['cudagraph_skips'] is None for r in suite['results'])  # no CUDA graphs asked for
     env['STAGES'] = 'suite trian:mnist'
     proc = run_all()
     assert proc.returncode == 2 and 'unknown stage trian:mnist in STAGES' in proc.stderr  # before any stage runs

@@ -171,6 +171,18 @@ def test_compiled_channels_last_training_matches_eager(tmp_path):
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-3, atol=1e-4, msg=lambda m: f'{key}: {m}')
 
 
+def test_cudagraph_fallbacks_are_counted_only_where_cuda_graphs_were_asked_for(monkeypatch):
+    """Inductor's silent fall-back from CUDA graphs shows up in the log and results.json (see cudagraph_skips)."""
+    import torch._dynamo.utils
+    monkeypatch.setitem(torch._dynamo.utils.counters['inductor'], 'cudagraph_skips', 3)
+    cuda = torch.device('cuda')  # only its type is read: no GPU needed
+    assert recipe.cudagraph_skips(cuda, 'reduce-overhead') == 3
+    assert recipe.cudagraph_skips(cuda, 'max-autotune') == 3
+    for mode in (False, True, 'default', 'max-autotune-no-cudagraphs'):
+        assert recipe.cudagraph_skips(cuda, mode) is None, mode
+    assert recipe.cudagraph_skips(torch.device('cpu'), 'reduce-overhead') is None  # no CUDA graphs on the CPU
+
+
 def test_dataset_errors(tmp_path):
     import datasets
     import numpy as np
