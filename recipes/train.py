@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 import timm_asge  # noqa: F401  (registers the asge_* models)
 from timm_asge.costs import strategy_costs
-from timm_asge.data import augment_batch, epoch_batches, find_columns, image_loader, load_dataset_split
+from timm_asge.data import augment_batch, check_color_jitter, epoch_batches, find_columns, image_loader
+from timm_asge.data import load_dataset_split
 from timm_asge.data import load_tensors, num_batches, split_train_val, to_model_input
 from timm_asge.engine import LocalLearner, all_reduce_gradients, evaluate, param_groups, pick_best_block
 from timm_asge.fileio import atomic_path
@@ -232,6 +233,8 @@ class RecipeData:
         source = data_cfg['path'] or data_cfg['source']
         columns = dict(image_column=data_cfg['image_column'], label_column=data_cfg['label_column'])
         try:
+            if data_cfg['color_jitter'] is not None:
+                check_color_jitter(data_cfg['color_jitter'])  # before minutes of decoding, not at the first batch
             with accelerator.main_process_first():
                 if data_cfg['in_memory']:
                     load = dict(img_size=data_cfg['img_size'], channels=data_cfg['channels'],
@@ -278,7 +281,7 @@ class RecipeData:
                 yield index, to_model_input(batch['image']), batch['label']
             return
         augment = dict(crop_padding=cfg['crop_padding'], hflip=cfg['hflip'], color_jitter=cfg['color_jitter'],
-                       grayscale_p=cfg['grayscale_p'])
+                       grayscale_p=cfg['grayscale_p'], compile_jitter=self.train_cfg['compile'] not in (False, None))
         for index, images, labels in epoch_batches(self.train, self.train_cfg['batch_size'], epoch, seed,
                                                    acc.process_index, acc.num_processes, start=start):
             # Seeded per batch: a run resumed mid-epoch draws the same augmentation as an uninterrupted one.

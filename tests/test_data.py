@@ -1,4 +1,6 @@
 """Data pipeline: decoding and caching, column discovery, sharded epochs, on-device augmentation."""
+import math
+
 import datasets
 import numpy as np
 import pytest
@@ -69,20 +71,44 @@ def test_augmentation_is_per_sample_seeded_and_in_range():
     assert 3 <= grey.sum() <= 25  # p = 0.2 of 64 images
 
 
-def test_colour_jitter_is_torchvisions_for_brightness_contrast_saturation():
-    """Given the factors it draws, the jitter gives what torchvision's functional ops give, image by image."""
+@pytest.mark.parametrize('strengths', [(0.4, 0.4, 0.4, 0.1), (1.5, 0.0, 0.8, 0.5), (0.0, 0.0, 0.0, 0.3)])
+def test_colour_jitter_is_torchvisions_image_by_image(strengths):
+    """Given the factors and the order it draws for each image, the jitter is torchvision's ColorJitter."""
     import torchvision.transforms.functional as TF
-    images = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = augment_batch(images, torch.Generator().manual_seed(5), color_jitter=(0.4, 0.4, 0.4, 0.0))
-    replay = torch.Generator().manual_seed(5)  # the same draws, in augment_batch's order
-    factors = [torch.rand(16, generator=replay) * 0.8 + 0.6 for _ in range(3)]
+    images = torch.rand(192, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    images[0] = 0.5  # grey: no hue to turn
+    out = augment_batch(images, torch.Generator().manual_seed(5), color_jitter=strengths)
+    # The same draws, in augment_batch's order: 4 factors, then sort keys for the order of the ops that are on.
+    ops = [k for k, strength in enumerate(strengths) if strength]
+    draws = torch.rand(192, 4 + len(ops), generator=torch.Generator().manual_seed(5))
+    low = torch.tensor([max(0.0, 1 - v) for v in strengths[:3]] + [-strengths[3]])
+    high = torch.tensor([1 + v for v in strengths[:3]] + [strengths[3]])
+    factors = draws[:, :4] * (high - low) + low
+    orders = torch.tensor(ops)[draws[:, 4:].argsort(dim=1)].tolist()
+    assert len({tuple(o) for o in orders}) == math.factorial(len(ops))  # every order occurs
+    adjust = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i, image in enumerate(images):
-        want = TF.adjust_brightness(image, factors[0][i].item())
-        want = TF.adjust_contrast(want, factors[1][i].item())
-        want = TF.adjust_saturation(want, factors[2][i].item())
-        torch.testing.assert_close(out[i], want, atol=1e-6, rtol=0)
-    # Strong factors push pixels past [0, 1]; clamping after each op (as torchvision does) keeps them there.
-    assert out.min() >= 0 and out.max() <= 1 and (out == 1).any()
+        want = image
+        for k in orders[i]:
+            want = adjust[k](want, factors[i, k].item())
+        torch.testing.assert_close(out[i], want, atol=1e-5, rtol=0, msg=lambda m: f'image {i}, order {orders[i]}: {m}')
+    assert out.min() >= 0 and out.max() <= 1
+    if strengths[0] > 1:  # factors reach 0 (black) but never below, as in torchvision
+        assert factors[:, 0].min() >= 0 and (out.amax(dim=(1, 2, 3)) == 0).sum() == (factors[:, 0] == 0).sum()
+
+
+def test_compiled_colour_jitter_matches_eager():
+    images = torch.rand(32, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(color_jitter=(0.4, 0.4, 0.4, 0.1), grayscale_p=0.2, hflip=True, crop_padding=2)
+    eager = augment_batch(images, torch.Generator().manual_seed(5), **kwargs)
+    compiled = augment_batch(images, torch.Generator().manual_seed(5), compile_jitter=True, **kwargs)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('bad', [(0.4, 0.4, 0.4), (0.4, -0.1, 0.4, 0.1), (0.4, 0.4, 0.4, 0.6), ('a', 1, 1, 1)])
+def test_colour_jitter_refuses_what_torchvision_refuses(bad):
+    with pytest.raises(ValueError, match=r'must be \[brightness, contrast, saturation, hue\]'):
+        augment_batch(torch.rand(2, 3, 4, 4), torch.Generator(), color_jitter=bad)
 
 
 def test_crop_and_flip_move_pixels_as_documented():

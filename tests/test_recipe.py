@@ -57,6 +57,7 @@ def test_digits_main_job(tmp_path):
     ('train.compile=fastest', "train.compile='fastest'; use false, true or a torch.compile mode"),
     ('train.checkpoint_epochs=0', 'checkpoint_epochs=0 must be at least 1'),
     ('train.stop_after_epochs=0', 'stop_after_epochs=0 must be a whole number of epochs, at least 1'),
+    ('data.color_jitter=[0.4,0.4]', r'color_jitter=\[0.4, 0.4\] must be \[brightness, contrast, saturation, hue\]'),
 ])
 def test_config_errors_stop_at_once(tmp_path, override, message):
     with pytest.raises(SystemExit, match=message):

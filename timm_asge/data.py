@@ -7,6 +7,7 @@ the training device and augmented there in batches (no per-image PIL work in the
 Sources: ``'digits'`` (scikit-learn's bundled handwritten digits, no download), a Hub id (``'ylecun/mnist'``) or a
 local folder in the Hub's parquet layout or an imagefolder.
 """
+import functools
 import hashlib
 import io
 import json
@@ -24,7 +25,8 @@ from .fileio import atomic_path
 
 __all__ = [
     'ImageData', 'load_dataset_split', 'find_columns', 'decode_images', 'load_tensors', 'split_train_val',
-    'epoch_batches', 'augment_batch', 'to_model_input', 'default_cache_dir', 'image_transform', 'image_loader',
+    'epoch_batches', 'augment_batch', 'check_color_jitter', 'to_model_input', 'default_cache_dir', 'image_transform',
+    'image_loader',
 ]
 
 def default_cache_dir() -> Path:
@@ -288,6 +290,7 @@ def augment_batch(
         hflip: bool = False,
         color_jitter: Optional[Sequence[float]] = None,
         grayscale_p: float = 0.0,
+        compile_jitter: bool = False,
 ) -> torch.Tensor:
     """The paper's augmentation, batched on the images' device with per-sample randomness.
 
@@ -296,17 +299,17 @@ def augment_batch(
         generator: Random generator on the images' device (seeded per batch, so a resumed run repeats it).
         crop_padding: Random crop of the original size from the image zero-padded by this many pixels.
         hflip: Horizontal flip with probability 0.5.
-        color_jitter: (brightness, contrast, saturation, hue) as in torchvision's ColorJitter, applied in that
-            fixed order (torchvision shuffles the order per image); RGB only. Brightness, contrast and saturation
-            are torchvision's (same blends, clamped after each); hue turns in YIQ space instead of HSV.
+        color_jitter: (brightness, contrast, saturation, hue) with torchvision's ``ColorJitter`` semantics: every
+            image draws its own factors and its own order of the four ops, each op is torchvision's (same blends,
+            clamped after each, hue through HSV). RGB only.
         grayscale_p: Probability of replacing an RGB image by its greyscale version.
+        compile_jitter: Run the colour jitter's arithmetic through ``torch.compile``: a few fused kernels instead of
+            about a hundred small ones (on a GPU the eager version is launch-bound).
     """
     b, c, h, w = images.shape
     device = images.device
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(b, 1, 1, 1, device=device, generator=generator) * (high - low) + low
-
+    if color_jitter is not None:
+        strengths = check_color_jitter(color_jitter)
     if crop_padding:
         padded = F.pad(images, (crop_padding,) * 4)
         offset = torch.randint(0, 2 * crop_padding + 1, (2, b), device=device, generator=generator)
@@ -318,21 +321,67 @@ def augment_batch(
     if hflip:
         flip = torch.rand(b, 1, 1, 1, device=device, generator=generator) < 0.5
         images = torch.where(flip, images.flip(-1), images)
-    if c == 3 and color_jitter:
-        brightness, contrast, saturation, hue = color_jitter
-        if brightness:
-            images = _blend(images, 0.0, uniform(1 - brightness, 1 + brightness))
-        if contrast:
-            mean = _gray(images).mean(dim=(1, 2, 3), keepdim=True)
-            images = _blend(images, mean, uniform(1 - contrast, 1 + contrast))
-        if saturation:
-            images = _blend(images, _gray(images), uniform(1 - saturation, 1 + saturation))
-        if hue:
-            images = _rotate_hue(images, uniform(-hue, hue)).clamp(0, 1)
+    if c == 3 and color_jitter is not None and any(strengths):
+        # torchvision leaves out an op whose range is one point (strength 0), so it takes no place in the order.
+        ops = tuple(i for i, strength in enumerate(strengths) if strength)
+        draws = torch.rand(b, 4 + len(ops), device=device, generator=generator)
+        # Python numbers only: a host tensor copied to the GPU would wait for the queued steps (a host sync).
+        ranges = [(max(0.0, 1 - s), 1 + s) for s in strengths[:3]] + [(-strengths[3], strengths[3])]
+        factors = torch.stack([draws[:, k] * (high - low) + low for k, (low, high) in enumerate(ranges)], dim=1)
+        rank = draws[:, 4:].argsort(dim=1)  # a uniform random order of the ops that are on, per image
+        order = sum((rank == k) * op for k, op in enumerate(ops))
+        apply = _compiled_color_jitter() if compile_jitter else _color_jitter
+        images = apply(images, factors, order, ops)
     if c == 3 and grayscale_p:
         to_gray = torch.rand(b, 1, 1, 1, device=device, generator=generator) < grayscale_p
         images = torch.where(to_gray, _gray(images).expand_as(images), images)
     return images
+
+
+def check_color_jitter(color_jitter: Sequence[float]) -> Tuple[float, float, float, float]:
+    """``(brightness, contrast, saturation, hue)`` as floats, or a ValueError saying what torchvision would accept."""
+    try:
+        strengths = tuple(float(v) for v in color_jitter)
+    except (TypeError, ValueError):
+        strengths = ()
+    if len(strengths) != 4 or min(strengths[:3]) < 0 or not 0 <= strengths[3] <= 0.5:
+        raise ValueError(f'color_jitter={color_jitter!r} must be [brightness, contrast, saturation, hue] as in '
+                         f"torchvision's ColorJitter: three numbers >= 0 and a hue in [0, 0.5] (0 turns an op off), "
+                         f'e.g. [0.4, 0.4, 0.4, 0.1]')
+    return strengths
+
+
+def _color_jitter(
+        images: torch.Tensor,
+        factors: torch.Tensor,
+        order: torch.Tensor,
+        ops: Tuple[int, ...],
+) -> torch.Tensor:
+    """torchvision's ColorJitter, image by image.
+
+    Image i applies the ops ``order[i]`` (0 brightness, 1 contrast, 2 saturation, 3 hue) in that order, op k with
+    ``factors[i, k]``. Each round computes every op in ``ops`` for the whole batch and keeps the one each image's
+    order names there, so the batch never splits by op (that would need a host sync).
+    """
+    for step in range(order.shape[1]):
+        op = order[:, step].view(-1, 1, 1, 1)
+        factor = factors.gather(1, order[:, step:step + 1]).view(-1, 1, 1, 1)
+        gray = _gray(images) if 1 in ops or 2 in ops else None
+        other = images.new_zeros(())  # brightness blends with black
+        if 1 in ops:
+            other = torch.where(op == 1, gray.mean(dim=(1, 2, 3), keepdim=True), other)
+        if 2 in ops:
+            other = torch.where(op == 2, gray, other)
+        out = _blend(images, other, factor) if ops != (3,) else images
+        if 3 in ops:
+            out = torch.where(op == 3, _shift_hue(images, factor), out)
+        images = out
+    return images
+
+
+@functools.cache
+def _compiled_color_jitter():
+    return torch.compile(_color_jitter)
 
 
 def _blend(images: torch.Tensor, other: Union[torch.Tensor, float], ratio: torch.Tensor) -> torch.Tensor:
@@ -345,16 +394,22 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # torchvision's weights
 
 
-def _rotate_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``shift`` turns (in [-0.5, 0.5]) in YIQ space: a cheap, batched stand-in for HSV."""
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                       device=images.device, dtype=images.dtype)
-    rgb = torch.linalg.inv(yiq)
-    y, i, q = torch.einsum('ij,bjhw->bihw', yiq, images).unbind(1)
-    angle = shift.view(-1, 1, 1) * 2 * math.pi
-    cos, sin = angle.cos(), angle.sin()
-    rotated = torch.stack([y, i * cos - q * sin, i * sin + q * cos], dim=1)
-    return torch.einsum('ij,bjhw->bihw', rgb, rotated)
+def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` (to HSV, hue + shift turns mod 1, back to RGB) with a shift per image.
+
+    HSV's value is the channel maximum and value x saturation the chroma (max - min), so only the hue is computed;
+    the way back uses the case-free form of HSV -> RGB: channel n (R 5, G 3, B 1) is
+    ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 * hue) mod 6``.
+    """
+    r, g, b = images.unbind(1)
+    high, low = images.amax(dim=1), images.amin(dim=1)
+    chroma = high - low
+    divisor = torch.where(chroma == 0, 1.0, chroma)
+    rc, gc, bc = (high - r) / divisor, (high - g) / divisor, (high - b) / divisor
+    sixths = torch.where(high == r, bc - gc, torch.where(high == g, 2.0 + rc - bc, 4.0 + gc - rc))  # as torchvision
+    sixths = (sixths + 6 * shift.view(-1, 1, 1)) % 6
+    channels = [(n + sixths) % 6 for n in (5, 3, 1)]
+    return torch.stack([high - chroma * torch.minimum(k, 4 - k).clamp(0, 1) for k in channels], dim=1)
 
 
 class _ToMode:
