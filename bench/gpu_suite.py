@@ -8,7 +8,8 @@ AdamW (optionally ``torch.compile``):
         temporaries; not the weights or the AdamW state, which exist before the step);
     (c) FLOP utilisation: analytic training FLOPs per image (``timm_asge.costs.training_flops``: forward + conv weight
         gradients, plus conv input gradients for backprop) x images/s / the card's peak dense bf16 FLOP/s;
-    (d) a ``torch.profiler`` table of the top ops of one step per variant.
+    (d) a ``torch.profiler`` table of the top ops of one step per variant;
+    (e) the on-device augmentation of the CIFAR recipe, eager and compiled, with a check that it makes no host sync.
 
 Variants: ``fused`` (``LocalLearner(model, 'fused')``, one backward over the summed local losses), ``lean``
 (``LocalLearner(model, 'lean')``, per-block backward inside forward) and ``backprop`` (end-to-end cross-entropy
@@ -44,6 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import timm_asge  # noqa: F401 (registers the asge_* models)
 from timm_asge import LocalLearner, param_groups
 from timm_asge.costs import training_activation_bytes, training_flops
+from timm_asge.data import augment_batch, to_model_input
 
 from cpu_throughput import environment, write_record  # bench/ is on sys.path when run as a script
 
@@ -214,6 +216,39 @@ def profile(args, variant: str, device: torch.device, row_limit: int) -> Dict[st
     return dict(variant=variant, batch_size=args.memory_batch, sort_by=sort_by, table=table, top_ops=top)
 
 
+def measure_augmentation(args, device: torch.device, compiled: bool) -> Dict[str, Any]:
+    """Time the CIFAR recipe's on-device augmentation of one batch (uint8 to float, crop, flip, colour jitter,
+    greyscale), and check with CUDA's sync debug mode that it makes no host sync."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (args.memory_batch, 3, *args.input_size[1:]), dtype=torch.uint8, device=device,
+                           generator=generator)
+
+    def augment() -> torch.Tensor:
+        return augment_batch(to_model_input(images), generator, crop_padding=4, hflip=True,
+                             color_jitter=(0.4, 0.4, 0.4, 0.1), grayscale_p=0.2, compile_jitter=compiled)
+
+    for _ in range(max(args.warmup, 2)):  # the compiled jitter compiles on its first call
+        augment()
+    host_sync = None
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            augment()
+        except RuntimeError as err:
+            host_sync = str(err).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        augment()
+    _sync(device)
+    batch_ms = 1000 * (time.perf_counter() - start) / args.steps
+    return dict(compiled=compiled, batch_size=args.memory_batch, batch_ms=batch_ms,
+                images_per_s=1000 * args.memory_batch / batch_ms, host_sync=host_sync)
+
+
 def _table(rows: List[Dict[str, Any]]) -> str:
     header = (f"{'variant':<9} {'batch':>5} {'img/s':>10} {'step ms':>9} {'peak MiB':>9} {'act. MiB fp32':>14} "
               f"{'GFLOP/img':>9} {'TFLOP/s':>8} {'util':>6}")
@@ -286,6 +321,10 @@ def main() -> None:
                          else ''), file=sys.stderr)
 
     profiles = [profile(args, variant, device, args.profile_rows) for variant in args.variants] if args.profile else []
+    # Measured once, in the run without --compile (the step's compile mode does not change it); the compiled jitter
+    # costs a compilation, so the CPU smoke test leaves it out.
+    augmentation = [] if args.compile else [measure_augmentation(args, device, compiled)
+                                            for compiled in ((False,) if toy else (False, True))]
 
     settings = (f"{args.model} {'x'.join(map(str, args.input_size))}, {'bf16 autocast' if args.amp else 'fp32'}, "
                 f"{'channels_last' if args.channels_last else 'NCHW'}, fused AdamW"
@@ -306,6 +345,15 @@ def main() -> None:
         print(f"\n(d) profile: {p['variant']}, batch {p['batch_size']}, sorted by {p['sort_by']}")
         print(p['table'])
 
+    if augmentation:
+        print(f'\n(e) on-device augmentation of one batch of {args.memory_batch} (CIFAR recipe: crop, flip, colour '
+              f'jitter, greyscale), not part of the steps above')
+        for a in augmentation:
+            checked = 'no host sync' if device.type == 'cuda' else ''
+            sync = f"HOST SYNC: {a['host_sync']}" if a['host_sync'] else checked
+            kind = 'compiled' if a['compiled'] else 'eager'
+            print(f"  {kind:<8} {a['batch_ms']:8.2f} ms  {a['images_per_s']:12.1f} img/s  {sync}")
+
     record = dict(
         environment=dict(env, device=device_name, cuda=torch.version.cuda, toy=toy),
         settings=dict(
@@ -314,6 +362,7 @@ def main() -> None:
             steps=args.steps, memory_batch=args.memory_batch, peak_flops=peak,
         ),
         results=rows,
+        augmentation=augmentation,
         profiles=[{k: v for k, v in p.items() if k != 'table'} for p in profiles],
     )
     tag = re.sub(r'[^A-Za-z0-9._-]+', '-', device_name).strip('-') + ('-toy' if toy else '')

@@ -175,6 +175,7 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     assert suite['environment']['toy'] and suite['settings']['model'] == 'asge_cnn_tiny'
     assert {r['variant'] for r in suite['results']} == {'fused', 'lean', 'backprop'}
     assert all(r['cudagraph_skips'] is None for r in suite['results'])  # no CUDA graphs asked for
+    assert [a['compiled'] for a in suite['augmentation']] == [False] and suite['augmentation'][0]['batch_ms'] > 0
     env['STAGES'] = 'suite trian:mnist'
     proc = run_all()
     assert proc.returncode == 2 and 'unknown stage trian:mnist in STAGES' in proc.stderr  # before any stage runs
