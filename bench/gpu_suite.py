@@ -217,8 +217,10 @@ def profile(args, variant: str, device: torch.device, row_limit: int) -> Dict[st
 
 
 def measure_augmentation(args, device: torch.device, compiled: bool) -> Dict[str, Any]:
-    """Time the CIFAR recipe's on-device augmentation of one batch (uint8 to float, crop, flip, colour jitter,
-    greyscale), and check with CUDA's sync debug mode that it makes no host sync."""
+    """Time the CIFAR recipe's on-device augmentation of one batch and check that it makes no host sync.
+
+    The augmentation: uint8 to float, crop, flip, colour jitter, greyscale; the check: CUDA's sync debug mode.
+    """
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (args.memory_batch, 3, *args.input_size[1:]), dtype=torch.uint8, device=device,
                            generator=generator)
@@ -317,8 +319,8 @@ def main() -> None:
             if rows and rows[-1]['variant'] == variant and rows[-1]['batch_size'] == batch_size:
                 skipped = rows[-1]['cudagraph_skips']
                 print(f"  {variant:<9} batch {batch_size:>5}: {rows[-1]['images_per_s']:.1f} img/s"
-                      + (f' (CUDA graphs skipped {skipped} time(s): TORCH_LOGS=cudagraphs says why)' if skipped
-                         else ''), file=sys.stderr)
+                      + (f' ({skipped} compiled graph(s) without CUDA graphs: TORCH_LOGS=cudagraphs says why)'
+                         if skipped else ''), file=sys.stderr)
 
     profiles = [profile(args, variant, device, args.profile_rows) for variant in args.variants] if args.profile else []
     # Measured once, in the run without --compile (the step's compile mode does not change it); the compiled jitter
@@ -336,8 +338,8 @@ def main() -> None:
     print(_table(rows))
     for r in rows:
         if r['cudagraph_skips']:
-            print(f"{r['variant']} at batch {r['batch_size']}: CUDA graphs skipped {r['cudagraph_skips']} time(s), "
-                  f"so that row is not a CUDA-graph figure (TORCH_LOGS=cudagraphs says why)")
+            print(f"{r['variant']} at batch {r['batch_size']}: {r['cudagraph_skips']} compiled graph(s) ran without "
+                  f"CUDA graphs, so that row is not all CUDA graphs (TORCH_LOGS=cudagraphs says why)")
     print(f'\nmemory at batch {args.memory_batch}: max_memory_allocated - allocated before the step '
           f"({'CUDA' if device.type == 'cuda' else 'CPU: live tensor bytes counted at dispatch'}); "
           '"act. MiB fp32" is the analytic float32 activation model (bf16 autocast stores less)')

@@ -436,16 +436,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cudagraph_skips(device: torch.device, compile_mode: Any) -> Optional[int]:
-    """How often torch.compile ran a graph without the CUDA graphs its mode asked for (None: none were asked for).
+def cudagraph_skips(device: torch.device, compile_mode: Any, since: int = 0) -> Optional[int]:
+    """Compiled graphs that ran without the CUDA graphs their mode asked for, after ``since`` (None: none asked for).
 
-    Inductor falls back silently (the reason goes to the ``cudagraphs`` log, off by default), and a graph that falls
-    back is launch-bound again, so the recipe says so in its log and in results.json.
+    Inductor falls back silently (the reason goes to the ``cudagraphs`` log, off by default) and such a graph is
+    launch-bound again, so the recipe says so in its log and in results.json. The counter is per process: pass its
+    value at the start of a run as ``since``.
     """
     if device.type != 'cuda' or compile_mode not in CUDAGRAPH_MODES:
         return None
     import torch._dynamo.utils  # the counters inductor bumps on every fallback
-    return int(torch._dynamo.utils.counters['inductor']['cudagraph_skips'])
+    return int(torch._dynamo.utils.counters['inductor']['cudagraph_skips']) - since
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
@@ -573,6 +574,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     stop = state.step >= total_steps
     end_epoch = min(train_cfg['epochs'], stop_after or train_cfg['epochs'])
     profiler, skips_reported = None, False
+    skips_before = cudagraph_skips(device, train_cfg['compile']) or 0
     if profile_steps and accelerator.is_main_process:
         # Early in the second epoch, past torch.compile's first steps; a shorter run profiles its last steps.
         run_steps = min(total_steps, end_epoch * steps_per_epoch)
@@ -666,11 +668,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             f"{' '.join(f'{100 * a:.1f}' for a in record['val_block_acc'])} | fusion "
             f"{100 * record['val_fusion_acc']:.2f}% | train fusion {100 * record['train_fusion_acc']:.2f}%{test_part}"
             f" | so far {record['step_time_s']:.1f} s in training steps, {record['time_s']:.1f} s in all")
-        skips = cudagraph_skips(device, train_cfg['compile'])
+        skips = cudagraph_skips(device, train_cfg['compile'], skips_before)
         if skips and not skips_reported:
             skips_reported = True
-            accelerator.print(f"warning: train.compile={train_cfg['compile']} skipped CUDA graphs {skips} time(s), so "
-                              f"the step is launch-bound again; rerun with TORCH_LOGS=cudagraphs to see why")
+            accelerator.print(f"warning: train.compile={train_cfg['compile']}: {skips} compiled graph(s) ran without "
+                              f"CUDA graphs (launch-bound again); rerun with TORCH_LOGS=cudagraphs to see why")
         if metric > state.best_metric:
             state.best_metric, state.best_epoch = metric, state.epoch
             if accelerator.is_main_process:
@@ -688,7 +690,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if profiler is not None:  # the run ended inside the window
         write_profile(accelerator, profiler, out / 'profile.txt', state.step)
     accelerator.wait_for_everyone()
-    results = finish(accelerator, config, args, out, model, state, data)
+    results = finish(accelerator, config, args, out, model, state, data, skips_before)
     accelerator.end_training()
     return results
 
@@ -720,7 +722,8 @@ def _has_tensorboard() -> bool:
         return False
 
 
-def finish(accelerator, config, args, out: Path, model, state: TrainState, data: RecipeData) -> Dict[str, Any]:
+def finish(accelerator, config, args, out: Path, model, state: TrainState, data: RecipeData,
+           skips_before: int = 0) -> Dict[str, Any]:
     """Reload the best-validation weights, choose `best`, test every strategy, write results and the export."""
     model.load_state_dict(load_file(str(out / 'best' / 'model.safetensors')))
     val_acc = evaluate_split(accelerator, model, data, 'validation')
@@ -752,7 +755,7 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
         'steps': state.step,
         'train_time_s': round(state.train_time, 2),
         'step_time_s': round(state.step_time, 2),
-        'cudagraph_skips': cudagraph_skips(accelerator.device, config['train']['compile']),
+        'cudagraph_skips': cudagraph_skips(accelerator.device, config['train']['compile'], skips_before),
         'best_epoch': state.best_epoch + 1,
         'best_block': best_block,
         'prediction': config['model']['prediction'],

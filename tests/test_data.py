@@ -93,19 +93,42 @@ def test_colour_jitter_is_torchvisions_image_by_image(strengths):
             want = adjust[k](want, factors[i, k].item())
         torch.testing.assert_close(out[i], want, atol=1e-5, rtol=0, msg=lambda m: f'image {i}, order {orders[i]}: {m}')
     assert out.min() >= 0 and out.max() <= 1
-    if strengths[0] > 1:  # factors reach 0 (black) but never below, as in torchvision
-        assert factors[:, 0].min() >= 0 and (out.amax(dim=(1, 2, 3)) == 0).sum() == (factors[:, 0] == 0).sum()
+
+
+def test_colour_jitter_edges_are_torchvisions():
+    """Factors at the ends of their ranges (0: black, grey, flat; hue +-0.5), in every order, on saturated pixels."""
+    import itertools
+    import torchvision.transforms.functional as TF
+    from timm_asge.data import _color_jitter
+    image = torch.tensor([0.0, 1.0, 0.5, 1.0, 1.0, 0.2]).repeat(3, 2, 1)  # ties, 0s and 1s
+    image[1, 1] = torch.tensor([1.0, 0.0, 0.2, 1.0, 0.3, 0.2])
+    image[2, 0] = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.0, 1.0])
+    adjust = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for factors in ([0.0, 0.0, 0.0, 0.5], [2.0, 1.4, 0.0, -0.5], [1.0, 3.0, 2.5, 0.25]):
+        for order in itertools.permutations(range(4)):
+            out = _color_jitter(image[None], torch.tensor([factors]), torch.tensor([order]), (0, 1, 2, 3))[0]
+            want = image
+            for k in order:
+                want = adjust[k](want, factors[k])
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=0, msg=lambda m: f'{factors} {order}: {m}')
 
 
 def test_compiled_colour_jitter_matches_eager():
+    """compile_jitter runs the jitter through torch.compile with the eager values, also on a short last batch."""
+    import torch._dynamo.utils
     images = torch.rand(32, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     kwargs = dict(color_jitter=(0.4, 0.4, 0.4, 0.1), grayscale_p=0.2, hflip=True, crop_padding=2)
-    eager = augment_batch(images, torch.Generator().manual_seed(5), **kwargs)
-    compiled = augment_batch(images, torch.Generator().manual_seed(5), compile_jitter=True, **kwargs)
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    frames = torch._dynamo.utils.counters['frames']['ok']
+    for batch in (images, images[:7]):
+        eager = augment_batch(batch, torch.Generator().manual_seed(5), **kwargs)
+        compiled = augment_batch(batch, torch.Generator().manual_seed(5), compile_jitter=True, **kwargs)
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    assert torch._dynamo.utils.counters['frames']['ok'] > frames  # dynamo compiled it
 
 
-@pytest.mark.parametrize('bad', [(0.4, 0.4, 0.4), (0.4, -0.1, 0.4, 0.1), (0.4, 0.4, 0.4, 0.6), ('a', 1, 1, 1)])
+@pytest.mark.parametrize('bad', [(0.4, 0.4, 0.4), (0.4, -0.1, 0.4, 0.1), (0.4, 0.4, 0.4, 0.6), ('a', 1, 1, 1),
+                                 (float('nan'), 0.4, 0.4, 0.1), (0.4, float('inf'), 0.4, 0.1), '0000',
+                                 (True, 0.4, 0.4, 0.1)])
 def test_colour_jitter_refuses_what_torchvision_refuses(bad):
     with pytest.raises(ValueError, match=r'must be \[brightness, contrast, saturation, hue\]'):
         augment_batch(torch.rand(2, 3, 4, 4), torch.Generator(), color_jitter=bad)

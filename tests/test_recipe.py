@@ -34,6 +34,7 @@ def test_digits_main_job(tmp_path):
     assert on_disk['command'].startswith('python recipes/train.py --config ')  # not started by accelerate launch
     assert set(on_disk['strategies']) == {'fusion', 'last', 'best'}
     assert on_disk['strategies']['best']['blocks_run'] == on_disk['best_block'] + 1
+    assert on_disk['cudagraph_skips'] is None  # no CUDA graphs asked for
     assert (tmp_path / 'block_accuracy.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     history = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
     assert any('val/fusion' in h for h in history)

@@ -341,10 +341,13 @@ def augment_batch(
 def check_color_jitter(color_jitter: Sequence[float]) -> Tuple[float, float, float, float]:
     """``(brightness, contrast, saturation, hue)`` as floats, or a ValueError saying what torchvision would accept."""
     try:
+        if isinstance(color_jitter, str) or any(isinstance(v, bool) for v in color_jitter):
+            raise TypeError
         strengths = tuple(float(v) for v in color_jitter)
     except (TypeError, ValueError):
         strengths = ()
-    if len(strengths) != 4 or min(strengths[:3]) < 0 or not 0 <= strengths[3] <= 0.5:
+    if (len(strengths) != 4 or not all(math.isfinite(v) and v >= 0 for v in strengths)
+            or strengths[3] > 0.5):
         raise ValueError(f'color_jitter={color_jitter!r} must be [brightness, contrast, saturation, hue] as in '
                          f"torchvision's ColorJitter: three numbers >= 0 and a hue in [0, 0.5] (0 turns an op off), "
                          f'e.g. [0.4, 0.4, 0.4, 0.1]')
