@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -387,7 +387,7 @@ def _compiled_color_jitter():
     return torch.compile(_color_jitter)
 
 
-def _blend(images: torch.Tensor, other: Union[torch.Tensor, float], ratio: torch.Tensor) -> torch.Tensor:
+def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """torchvision's blend: ``ratio * images + (1 - ratio) * other``, clamped to [0, 1]."""
     return (ratio * images + (1.0 - ratio) * other).clamp(0, 1)
 
