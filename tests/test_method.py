@@ -153,6 +153,29 @@ def test_rms_helpers():
     torch.testing.assert_close(rms_pool2d(y).flatten(), y.square().mean().sqrt().reshape(1), rtol=1e-5, atol=1e-5)
 
 
+def test_fusion_read_out_starts_as_the_authors_per_block_heads():
+    # Their read-out is one Kaiming-normal, zero-bias Linear(C_l, N) per block; ours is one Linear over the
+    # concatenation, so each block's columns must have their own head's spread, sqrt(2 / C_l), here and after a reset.
+    torch.manual_seed(0)
+    model = timm.create_model('asge_cnn')
+
+    def column_spreads():
+        weight, start, spreads = model.head.fc.weight, 0, []
+        for width in model.widths[model.fusion_start:]:
+            spreads.append((weight[:, start:start + width].std().item(), (2 / width) ** 0.5))
+            start += width
+        assert start == weight.shape[1]
+        return spreads
+
+    for got, expected in column_spreads():
+        assert got == pytest.approx(expected, rel=0.1)
+    assert not model.head.fc.bias.any()
+    model.reset_classifier(100)
+    for got, expected in column_spreads():
+        assert got == pytest.approx(expected, rel=0.05)
+    assert not model.head.fc.bias.any()
+
+
 def test_best_runs_only_k_blocks():
     """(e) `best` at block k runs blocks 0..k and no later block."""
     model = _tiny().eval()

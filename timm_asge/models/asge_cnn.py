@@ -246,6 +246,24 @@ class AsgeCnn(nn.Module):
         for block in self.stages:
             nn.init.kaiming_normal_(block.conv.weight, nonlinearity='relu')
             nn.init.zeros_(block.conv.bias)
+        self._init_head()
+
+    def _init_head(self) -> None:
+        """Kaiming-normal, zero-bias fusion read-out, as the authors initialise theirs.
+
+        Their read-out is one ``Linear(C_l, N)`` per block, logits summed; ours is that sum as one linear layer over
+        the concatenation, so each block's slice of columns gets the fan-in of its own head (``std = sqrt(2 / C_l)``),
+        not nn.Linear's default over all columns (5-8x smaller).
+        """
+        fc = self.head.fc
+        if not isinstance(fc, nn.Linear) or fc.in_features != self.fusion_features:
+            return  # no read-out (num_classes=0) or an unpooled head: nothing of the authors' to match
+        with torch.no_grad():
+            start = 0
+            for width in self.widths[self.fusion_start:]:
+                nn.init.kaiming_normal_(fc.weight[:, start:start + width], nonlinearity='relu')
+                start += width
+            nn.init.zeros_(fc.bias)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -267,6 +285,7 @@ class AsgeCnn(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.head.reset(num_classes, pool_type=global_pool)
+        self._init_head()
         for block in self.stages:
             block.reset_projection(num_classes)
         self._update_feature_sizes()
@@ -465,6 +484,7 @@ class AsgeCnn(nn.Module):
             self.best_index = None
             self.best_block.fill_(-1)
         self.head = ClassifierHead(self.fusion_features, self.num_classes, pool_type=self.global_pool)
+        self._init_head()
         self.set_prediction('fusion')
         if prune_head:
             self.reset_classifier(0, '')
