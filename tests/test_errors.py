@@ -53,3 +53,15 @@ def test_best_before_a_block_was_chosen():
     with pytest.raises(ValueError, match="'best' needs a chosen block"):
         timm.create_model('asge_cnn_tiny', prediction='best')
     assert model.prediction == 'fusion'  # a refused switch leaves the model as it was
+
+
+def test_unpooled_read_out_with_classes():
+    # timm's own ClassifierHead would fail inside its Linear with a bare shape mismatch.
+    model = timm.create_model('asge_cnn_tiny', global_pool='')
+    with pytest.raises(ValueError, match=r"global_pool='' leaves the fusion features unpooled.*num_classes=0"):
+        model(torch.rand(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="global_pool='' leaves the fusion features unpooled"):
+        LocalLearner(model)
+    assert model.forward_head(model.forward_features(torch.rand(2, 1, 16, 16)), pre_logits=True).ndim == 4
+    model.reset_classifier(0)
+    assert model(torch.rand(2, 1, 16, 16)).shape == (2, 256, 4, 4)

@@ -55,6 +55,7 @@ class LocalLearner(nn.Module):
         super().__init__()
         self.model = model
         self.mode = check_choice('engine mode', mode, MODES)
+        model.check_read_out()  # the engine trains the fusion read-out whatever the prediction strategy
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Compute every local loss (and, in ``lean`` mode with grad enabled, its gradients).

@@ -396,8 +396,19 @@ class AsgeCnn(nn.Module):
             x = block.transition(self._block_features(block, x))
         return self._block_features(self.stages[read], x)
 
+    def check_read_out(self) -> None:
+        """Raise a ValueError if the fusion read-out cannot produce class scores (unpooled features, classes > 0)."""
+        if not self.global_pool and self.num_classes:
+            # timm's ClassifierHead would hand (N, C, H, W) to its Linear and fail with a shape mismatch.
+            raise ValueError(
+                "global_pool='' leaves the fusion features unpooled (N, C, H, W), which the linear read-out cannot "
+                "take: use num_classes=0 (or pre_logits=True) for the unpooled features, or a pooling such as "
+                "global_pool='avg' for class scores")
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.prediction == 'fusion':
+            if not pre_logits:
+                self.check_read_out()
             return self.head(x, pre_logits=pre_logits)
         if not self.global_pool and (pre_logits or self.num_classes == 0):
             return x
