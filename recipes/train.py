@@ -173,10 +173,13 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str, prefix: str = 
             close = difflib.get_close_matches(key, list(base), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f'; known keys: {", ".join(base)}'
             raise SystemExit(f"error: unknown config key '{prefix}{key}' in {where}{hint}")
-        if isinstance(base[key], dict) and key != 'args':
+        if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise SystemExit(f"error: config key '{prefix}{key}' in {where} must be a mapping")
-            _merge(base[key], value, where, prefix=f'{prefix}{key}.')
+            if key == 'args':  # model constructor arguments: free keys (the model checks them), added to the YAML's
+                base[key] = {**base[key], **value}
+            else:
+                _merge(base[key], value, where, prefix=f'{prefix}{key}.')
         elif isinstance(base[key], float) and not isinstance(value, bool) and isinstance(value, (str, int)):
             # YAML 1.1 reads `2e-3` (no dot) as a string.
             try:

@@ -175,6 +175,16 @@ def test_fusion_read_out_starts_as_the_authors_per_block_heads():
         assert got == pytest.approx(expected, rel=0.05)
     assert not model.head.fc.bias.any()
 
+    # head_init_scale multiplies that init (timm's ConvNeXt has the same knob); initial weights only, so it is no
+    # architecture option for config.json (a run's results.json records it with the recipe).
+    torch.manual_seed(0)
+    scaled = timm.create_model('asge_cnn', head_init_scale=0.25)
+    torch.manual_seed(0)
+    torch.testing.assert_close(scaled.head.fc.weight, timm.create_model('asge_cnn').head.fc.weight * 0.25)
+    assert 'head_init_scale' not in scaled.architecture_args()
+    with pytest.raises(ValueError, match='head_init_scale must be a finite number >= 0, got -1'):
+        timm.create_model('asge_cnn_tiny', head_init_scale=-1)
+
 
 def test_best_runs_only_k_blocks():
     """(e) `best` at block k runs blocks 0..k and no later block."""

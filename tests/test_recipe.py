@@ -69,6 +69,14 @@ def test_config_errors_stop_at_once(tmp_path, override, message):
             recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'model.name=asge_cnn', 'data.img_size=8'])
 
 
+def test_model_args_override_adds_to_the_config_file():
+    # digits.yaml sets model.args {drop_rate: 0.1, pool_type: rms}; one more argument must not drop those two.
+    config = recipe.load_config(DIGITS, ['model.args.head_init_scale=0.15', 'model.args.drop_rate=0.2'])
+    assert config['model']['args'] == {'drop_rate': 0.2, 'pool_type': 'rms', 'head_init_scale': 0.15}
+    with pytest.raises(SystemExit, match="config key 'model.args' in the command line must be a mapping"):
+        recipe.load_config(DIGITS, ['model.args=3'])
+
+
 def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path, capsys):
     results = recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'train.epochs=3', 'train.checkpoint_epochs=2',
                            'train.test_every_epoch=true'])
