@@ -177,7 +177,7 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str, prefix: str = 
             if not isinstance(value, dict):
                 raise SystemExit(f"error: config key '{prefix}{key}' in {where} must be a mapping")
             if key == 'args':  # model constructor arguments: free keys (the model checks them), added to the YAML's
-                base[key] = {**base[key], **value}
+                base[key] = {**base[key], **{name: _number_if_numeric(arg) for name, arg in value.items()}}
             else:
                 _merge(base[key], value, where, prefix=f'{prefix}{key}.')
         elif isinstance(base[key], float) and not isinstance(value, bool) and isinstance(value, (str, int)):
@@ -188,6 +188,16 @@ def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str, prefix: str = 
                 raise SystemExit(f"error: config key '{prefix}{key}' in {where} must be a number, got {value!r}")
         else:
             base[key] = value
+
+
+def _number_if_numeric(value: Any) -> Any:
+    """YAML 1.1 reads `1e-1` (no dot) as a string; a free model argument that reads as a number is one."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def describe_hardware(accelerator: Accelerator) -> str:
@@ -556,7 +566,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         ckpt = latest_checkpoint(out) if args.resume == 'latest' else Path(args.resume)
         if ckpt is None or not ckpt.is_dir():
             raise SystemExit(f'error: --resume found no checkpoint in {out / "checkpoints"}; train without --resume')
-        accelerator.load_state(str(ckpt))
+        try:
+            accelerator.load_state(str(ckpt))
+        except (ValueError, RuntimeError, KeyError) as err:  # shapes, parameter groups or state keys differ
+            raise SystemExit(
+                f'error: cannot resume from {ckpt}: it does not fit this run\'s model and optimizer ({err}). It was '
+                f'written by another config or an older timm-asge; resume with the same config and version, or train '
+                f'into a new output_dir') from None
         accelerator.print(f'resumed from {ckpt}: epoch {state.epoch + 1}, batch {state.batch}, step {state.step}')
     accelerator.init_trackers(config['name'], config=_flatten(config))
 

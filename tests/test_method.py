@@ -182,8 +182,51 @@ def test_fusion_read_out_starts_as_the_authors_per_block_heads():
     torch.manual_seed(0)
     torch.testing.assert_close(scaled.head.fc.weight, timm.create_model('asge_cnn').head.fc.weight * 0.25)
     assert 'head_init_scale' not in scaled.architecture_args()
-    with pytest.raises(ValueError, match='head_init_scale must be a finite number >= 0, got -1'):
-        timm.create_model('asge_cnn_tiny', head_init_scale=-1)
+    for bad in (-1, float('nan'), float('inf'), True, '0.1'):
+        with pytest.raises(ValueError, match=f'head_init_scale must be a finite number >= 0, got {bad!r}'):
+            timm.create_model('asge_cnn_tiny', head_init_scale=bad)
+
+    # The same init wherever a read-out is built anew: after a reset (keeping the scale), after pruning blocks
+    # (on the model's dtype), and once per pooling for a concatenating pool.
+    scaled.reset_classifier(10)
+    spread = scaled.head.fc.weight[:, :256].std().item()
+    assert spread == pytest.approx(0.25 * (2 / 256) ** 0.5, rel=0.15)
+    tiny = timm.create_model('asge_cnn_tiny').to(torch.bfloat16)  # widths 32, 64, 64, 128
+    tiny.prune_intermediate_layers([2], prune_head=False)  # keeps blocks 0-2: read-out over 64 + 64 columns
+    assert tiny.head.fc.weight.dtype == torch.bfloat16 and tiny.head.fc.weight.shape == (10, 128)
+    assert not tiny.head.fc.bias.any()
+    catavgmax = timm.create_model('asge_cnn', global_pool='catavgmax').head.fc
+    assert catavgmax.in_features == 2 * 2560 and not catavgmax.bias.any()
+    for start in (0, 2560):  # block 2's columns of the average and of the max pooling
+        assert catavgmax.weight[:, start:start + 256].std().item() == pytest.approx((2 / 256) ** 0.5, rel=0.1)
+
+
+def test_fusion_read_out_trains_as_the_authors_summed_heads():
+    # Their read-out: one Linear(C_l, N) per fused block (own bias), logits summed, one AdamW. Ours: one Linear over
+    # the concatenation with param_groups' head groups. Same logits after every AdamW step, decay included.
+    torch.manual_seed(0)
+    model = timm.create_model('asge_cnn_tiny', num_classes=5).double()  # fused blocks: widths 64, 64, 128
+    widths = model.widths[model.fusion_start:]
+    heads = torch.nn.ModuleList(torch.nn.Linear(w, 5).double() for w in widths)
+    with torch.no_grad():
+        for head, start, width in zip(heads, [0, 64, 128], widths):
+            head.weight.copy_(model.head.fc.weight[:, start:start + width])
+            head.bias.zero_()
+    theirs = torch.optim.AdamW(heads.parameters(), lr=1e-2, weight_decay=0.1)
+    ours = torch.optim.AdamW([g for g in param_groups(model, 1e-2, 0.1) if g['name'].startswith('head')])
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        features = torch.rand(16, sum(widths), generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 5, (16,), generator=g)
+        chunks = features.split(widths, dim=1)
+        for optimizer, logits in ((theirs, lambda: sum(h(c) for h, c in zip(heads, chunks))),
+                                  (ours, lambda: model.head.fc(features))):
+            optimizer.zero_grad()
+            F.cross_entropy(logits(), labels).backward()
+            optimizer.step()
+        with torch.no_grad():
+            torch.testing.assert_close(model.head.fc(features), sum(h(c) for h, c in zip(heads, chunks)))
+    assert model.head.fc.bias.abs().sum() > 0  # the biases did move
 
 
 def test_best_runs_only_k_blocks():

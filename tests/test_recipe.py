@@ -71,8 +71,9 @@ def test_config_errors_stop_at_once(tmp_path, override, message):
 
 def test_model_args_override_adds_to_the_config_file():
     # digits.yaml sets model.args {drop_rate: 0.1, pool_type: rms}; one more argument must not drop those two.
-    config = recipe.load_config(DIGITS, ['model.args.head_init_scale=0.15', 'model.args.drop_rate=0.2'])
-    assert config['model']['args'] == {'drop_rate': 0.2, 'pool_type': 'rms', 'head_init_scale': 0.15}
+    config = recipe.load_config(DIGITS, ['model.args.head_init_scale=1e-1', 'model.args.drop_rate=0.2'])
+    # YAML 1.1 reads 1e-1 as a string; a model argument that reads as a number becomes one.
+    assert config['model']['args'] == {'drop_rate': 0.2, 'pool_type': 'rms', 'head_init_scale': 0.1}
     with pytest.raises(SystemExit, match="config key 'model.args' in the command line must be a mapping"):
         recipe.load_config(DIGITS, ['model.args=3'])
 
@@ -138,6 +139,14 @@ def test_step_checkpoint_on_an_epochs_last_batch_resumes_into_the_next_epoch(tmp
     for got, want in zip(resumed['history'], full['history']):
         assert got['train_fusion_acc'] == want['train_fusion_acc'] > 0
         assert got['val_block_acc'] == want['val_block_acc']
+
+
+def test_resume_into_another_model_stops_with_a_message(tmp_path):
+    args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.max_steps=2']
+    recipe.main(args)
+    with pytest.raises(SystemExit, match=r"(?s)cannot resume from .*step_00000002: it does not fit this run.s model.*"
+                                         r"new output_dir"):
+        recipe.main(args + ['model.args.fusion_start=2', '--resume'])
 
 
 def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):

@@ -121,14 +121,18 @@ def param_groups(
         weight_decay: float = 0.0,
         block_lrs: Optional[Sequence[float]] = None,
 ) -> List[Dict]:
-    """One optimizer param group per block and one for the fusion read-out.
+    """One optimizer param group per block and two for the fusion read-out (weights, bias).
 
     One optimizer with per-block groups keeps per-block learning rates possible while mixed precision sees a single
     optimizer (accelerate steps a grad scaler once per optimizer, which breaks fp16 with several optimizers).
 
+    The authors' read-out is one ``Linear(C_l, N)`` per fused block under one AdamW. Its weights are our weight's
+    column slices, but its K biases all get the same gradient, so their sum (our one bias) moves K times as far per
+    step and decays at the same rate: the bias group gets ``lr * K`` and ``weight_decay / K``, the same AdamW update.
+
     Args:
         model: The ASGE network.
-        lr: Learning rate of every group (the fusion read-out included).
+        lr: Learning rate of every group (the fusion read-out's weights included).
         weight_decay: Weight decay of every group.
         block_lrs: Optional learning rate per block, overriding ``lr`` for the blocks.
     """
@@ -139,7 +143,14 @@ def param_groups(
         block_lr = lr if block_lrs is None else block_lrs[i]
         groups.append({'params': list(block.parameters()), 'lr': block_lr, 'weight_decay': weight_decay,
                        'name': f'stages.{i}'})
-    groups.append({'params': list(model.head.parameters()), 'lr': lr, 'weight_decay': weight_decay, 'name': 'head'})
+    head = dict(model.head.named_parameters())
+    biases = [param for name, param in head.items() if name.endswith('bias')]
+    groups.append({'params': [param for name, param in head.items() if not name.endswith('bias')], 'lr': lr,
+                   'weight_decay': weight_decay, 'name': 'head'})
+    if biases:
+        fused_blocks = len(model.stages) - model.fusion_start
+        groups.append({'params': biases, 'lr': lr * fused_blocks, 'weight_decay': weight_decay / fused_blocks,
+                       'name': 'head.bias'})
     return groups
 
 

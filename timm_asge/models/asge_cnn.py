@@ -166,7 +166,7 @@ class AsgeCnn(nn.Module):
             fusion_start: First block (0-based) whose output feeds the fusion read-out.
             projection_seed: Base seed of the fixed random projections.
             head_init_scale: Multiplier of the fusion read-out's initial weights. 1 is the authors' Kaiming-normal
-                init; about 0.15 is nn.Linear's default scale, whose read-out learns faster in the first epochs.
+                init; nn.Linear's default spread is ``sqrt(C_l / (6 * sum C_l))`` of it (0.13-0.18 for VGG8).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -181,8 +181,9 @@ class AsgeCnn(nn.Module):
             raise ValueError(f'fusion_start={fusion_start} must index a block in [0, {len(widths)})')
         if in_chans < 1:
             raise ValueError(f'in_chans must be positive, got {in_chans}')
-        if not 0 <= head_init_scale < float('inf'):
-            raise ValueError(f'head_init_scale must be a finite number >= 0, got {head_init_scale}')
+        if isinstance(head_init_scale, bool) or not isinstance(head_init_scale, (int, float)) \
+                or not 0 <= head_init_scale < float('inf'):
+            raise ValueError(f'head_init_scale must be a finite number >= 0, got {head_init_scale!r}')
         self.widths = widths
         self.downsample = downsample
         self.num_classes = num_classes
@@ -259,16 +260,18 @@ class AsgeCnn(nn.Module):
 
         Their read-out is one ``Linear(C_l, N)`` per block, logits summed; ours is that sum as one linear layer over
         the concatenation, so each block's slice of columns gets the fan-in of its own head (``std = sqrt(2 / C_l)``),
-        not nn.Linear's default over all columns (5-8x smaller).
+        not nn.Linear's default over all columns. A pooling that concatenates several poolings (``catavgmax``)
+        repeats the block slices once per pooling.
         """
         fc = self.head.fc
-        if not isinstance(fc, nn.Linear) or fc.in_features != self.fusion_features:
-            return  # no read-out (num_classes=0) or an unpooled head: nothing of the authors' to match
+        if not isinstance(fc, nn.Linear):
+            return  # no read-out (num_classes=0)
         with torch.no_grad():
             start = 0
-            for width in self.widths[self.fusion_start:]:
-                nn.init.kaiming_normal_(fc.weight[:, start:start + width], nonlinearity='relu')
-                start += width
+            for _ in range(fc.in_features // self.fusion_features):
+                for width in self.widths[self.fusion_start:]:
+                    nn.init.kaiming_normal_(fc.weight[:, start:start + width], nonlinearity='relu')
+                    start += width
             fc.weight.mul_(self.head_init_scale)
             nn.init.zeros_(fc.bias)
 
@@ -504,7 +507,9 @@ class AsgeCnn(nn.Module):
         if self.best_index is not None and self.best_index > max_index:
             self.best_index = None
             self.best_block.fill_(-1)
-        self.head = ClassifierHead(self.fusion_features, self.num_classes, pool_type=self.global_pool)
+        weight = self.stages[0].conv.weight
+        self.head = ClassifierHead(
+            self.fusion_features, self.num_classes, pool_type=self.global_pool, device=weight.device, dtype=weight.dtype)
         self._init_head()
         self.set_prediction('fusion')
         if prune_head:
@@ -596,8 +601,13 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def asge_cnn_tiny(pretrained: bool = False, **kwargs) -> AsgeCnn:
-    """ASGE-Tiny: 4 blocks (32, 64*, 64*, 128) at 16x16 greyscale; trains in seconds on a CPU (demos, tests)."""
-    model_args = dict(widths=(32, 64, 64, 128), downsample=(False, True, True, False), in_chans=1)
+    """ASGE-Tiny: 4 blocks (32, 64*, 64*, 128) at 16x16 greyscale; trains in seconds on a CPU (demos, tests).
+
+    Not a network of the paper's, so its read-out starts at nn.Linear's default spread (0.20-0.29 of the authors'
+    Kaiming init for these widths): with the authors' scale, a 20-epoch digits run ends at 83% fusion, not 91%.
+    """
+    model_args = dict(
+        widths=(32, 64, 64, 128), downsample=(False, True, True, False), in_chans=1, head_init_scale=0.25)
     return _create_asge('asge_cnn_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
