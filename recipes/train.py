@@ -14,6 +14,7 @@ import argparse
 import copy
 import difflib
 import json
+import math
 import os
 import platform
 import shlex
@@ -58,6 +59,9 @@ DEFAULTS: Dict[str, Any] = {
         'train_split': 'train',
         'test_split': 'test',
         'val_size': 0.1,  # count, or fraction of the training split
+        # Seed of the train/validation split (null: train.seed). It is torch's random_split after manual_seed, so 42
+        # is the authors' split of MNIST and FashionMNIST.
+        'split_seed': None,
         'img_size': 32,
         'channels': 3,
         'crop_padding': 0,
@@ -76,7 +80,10 @@ DEFAULTS: Dict[str, Any] = {
         'stop_after_epochs': None,
         'batch_size': 128,  # per process
         'lr': 2e-4,
-        'min_lr': 1e-5,
+        'min_lr': 1e-5,  # cosine floor of `lr`; every param group decays to the same fraction of its own rate
+        # Cosine learning rate after every optimizer step (true), or held for each epoch and moved at its end (false,
+        # what the authors' code does; timm's train.py calls this --sched-on-updates).
+        'sched_on_updates': True,
         'weight_decay': 1e-3,
         'mode': 'fused',  # fused | lean
         'mixed_precision': 'no',  # no | bf16
@@ -242,7 +249,8 @@ class RecipeData:
 
     def __init__(self, config: Dict[str, Any], accelerator: Accelerator):
         self.data_cfg, self.train_cfg, self.accelerator = config['data'], config['train'], accelerator
-        data_cfg, seed = self.data_cfg, self.train_cfg['seed']
+        data_cfg = self.data_cfg
+        seed = self.train_cfg['seed'] if data_cfg['split_seed'] is None else data_cfg['split_seed']
         source = data_cfg['path'] or data_cfg['source']
         columns = dict(image_column=data_cfg['image_column'], label_column=data_cfg['label_column'])
         try:
@@ -443,6 +451,32 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, keep
     return str(final)
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, lr: float, min_lr: float, total_steps: int,
+                    steps_per_epoch: int, on_updates: bool) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from each param group's rate to ``min_lr / lr`` of it, stepped once per optimizer step.
+
+    Every group decays by the same factor, so the read-out's bias group (K times the rate, see ``param_groups``)
+    ends at K times ``min_lr``, as the sum of the authors' K biases does. With ``on_updates=False`` the rate holds
+    for a whole epoch and moves at its end: the authors' ``CosineAnnealingLR(T_max=epochs)`` stepped per epoch.
+
+    Args:
+        optimizer: The optimizer, its groups' ``lr`` already set.
+        lr: The recipe's base rate (``train.lr``).
+        min_lr: Where the base rate ends (``train.min_lr``).
+        total_steps: Optimizer steps in the whole schedule.
+        steps_per_epoch: Optimizer steps per epoch.
+        on_updates: Move the rate after every step (true) or every epoch (false).
+    """
+    floor = min_lr / lr
+    epochs = max(math.ceil(total_steps / steps_per_epoch), 1)
+
+    def factor(step: int) -> float:
+        progress = step / max(total_steps, 1) if on_updates else (step // steps_per_epoch) / epochs
+        return floor + (1 - floor) * (1 + math.cos(math.pi * min(progress, 1.0))) / 2
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so host clocks measure it (a no-op on the CPU)."""
     if device.type == 'cuda':
@@ -509,6 +543,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if train_cfg['mixed_precision'] not in ('no', 'bf16'):
         raise SystemExit(f"error: train.mixed_precision={train_cfg['mixed_precision']!r} is not supported; use 'no' "
                          f"or 'bf16' (fp16 needs a loss scaler that lean mode's per-block backward cannot apply)")
+    if isinstance(train_cfg['lr'], bool) or not isinstance(train_cfg['lr'], (int, float)) or not train_cfg['lr'] > 0:
+        raise SystemExit(f"error: train.lr={train_cfg['lr']!r} must be a positive number")
+    if not 0 <= train_cfg['min_lr'] <= train_cfg['lr']:
+        raise SystemExit(f"error: train.min_lr={train_cfg['min_lr']!r} must be between 0 and "
+                         f"train.lr={train_cfg['lr']!r} (where the cosine schedule ends)")
+    split_seed = config['data']['split_seed']
+    if split_seed is not None and (isinstance(split_seed, bool) or not isinstance(split_seed, int)):
+        raise SystemExit(f'error: data.split_seed={split_seed!r} must be a whole number (or null: train.seed)')
+    if not isinstance(train_cfg['sched_on_updates'], bool):
+        raise SystemExit(f"error: train.sched_on_updates={train_cfg['sched_on_updates']!r}; use true (cosine after "
+                         f"every step) or false (after every epoch, as the authors' code)")
     if train_cfg['mode'] not in ('fused', 'lean'):
         raise SystemExit(f"error: train.mode={train_cfg['mode']!r}; choose 'fused' or 'lean'")
     dynamo_plugin = None  # accelerate's own default: none, or `accelerate launch --dynamo_backend ...`
@@ -550,8 +595,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if train_cfg['max_steps']:
         total_steps = min(total_steps, train_cfg['max_steps'])
     # Stepped by us once per optimizer step (a prepared scheduler would step once per process).
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1),
-                                                           eta_min=train_cfg['min_lr'])
+    scheduler = cosine_schedule(optimizer, train_cfg['lr'], train_cfg['min_lr'], total_steps, steps_per_epoch,
+                                train_cfg['sched_on_updates'])
     # Lean mode runs its backward inside forward, where DDP cannot sync: keep it unwrapped and all-reduce by hand.
     lean_multi = train_cfg['mode'] == 'lean' and world > 1
     if lean_multi:

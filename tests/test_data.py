@@ -58,6 +58,16 @@ def test_split_train_val_is_seeded_and_disjoint():
         split_train_val(data, 100, seed=0)
 
 
+def test_split_train_val_is_the_authors_random_split():
+    """Their loaders: ``torch.manual_seed(42)``, then ``random_split(train_set, [50000, 10000])``."""
+    data = ImageData(torch.zeros(600, 1, 1, 1, dtype=torch.uint8), torch.arange(600), [str(i) for i in range(600)])
+    with torch.random.fork_rng():
+        torch.manual_seed(42)
+        authors_train, authors_val = torch.utils.data.random_split(range(600), [500, 100])
+    train, val = split_train_val(data, 100, seed=42)
+    assert train.labels.tolist() == list(authors_train) and val.labels.tolist() == list(authors_val)
+
+
 def test_augmentation_is_per_sample_seeded_and_in_range():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(64, 3, 8, 8, generator=g)
