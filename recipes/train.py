@@ -217,8 +217,21 @@ def describe_hardware(accelerator: Accelerator) -> str:
                 device = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
         except (OSError, StopIteration):
             pass
-        device = f'{os.cpu_count()}-core CPU ({device})'
+        device = f'{os.cpu_count()}-core CPU ({device}), {torch.get_num_threads()} thread(s) per process'
     return f'{accelerator.num_processes} x {device}, torch {torch.__version__}'
+
+
+def idle_cores_hint(accelerator: Accelerator) -> Optional[str]:
+    """A note when CPU training leaves cores idle: ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` unless told."""
+    if accelerator.device.type != 'cpu':
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    per_process = max(cores // accelerator.num_processes, 1)
+    if torch.get_num_threads() >= per_process:
+        return None
+    return (f'note: {torch.get_num_threads()} thread(s) per process on {cores} cores (OMP_NUM_THREADS='
+            f'{os.environ.get("OMP_NUM_THREADS", "unset")}; `accelerate launch` sets 1 unless told); for speed pass '
+            f'`accelerate launch --num_cpu_threads_per_process {per_process}` or set OMP_NUM_THREADS={per_process}')
 
 
 def run_command(argv: List[str]) -> str:
@@ -626,6 +639,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     last_ckpt = str(latest_checkpoint(out) or '')
     # A log cut off before results.json is written still says what ran where (bench/accuracy_report.py reads it).
     accelerator.print(f"run: {run_command(args.argv)} | commit {args.commit} | {describe_hardware(accelerator)}")
+    if hint := idle_cores_hint(accelerator):
+        accelerator.print(hint)
     accelerator.print(
         f"training {config['model']['name']} ({sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{num_blocks} blocks) on {data.sizes['train']} images ({data.sizes['validation']} validation, "

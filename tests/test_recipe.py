@@ -213,6 +213,25 @@ def test_sched_on_updates_false_holds_the_rate_for_each_epoch(tmp_path):
     assert rates[20:41] == [pytest.approx(1e-5 + (2e-3 - 1e-5) / 2)] * 21
 
 
+def test_idle_cpu_cores_get_a_hint(monkeypatch):
+    """`accelerate launch` gives a CPU process one thread unless told; the recipe says how to use the other cores."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(recipe.os, 'sched_getaffinity', lambda pid: set(range(4)), raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        hint = recipe.idle_cores_hint(SimpleNamespace(device=torch.device('cpu'), num_processes=1))
+        assert 'note: 1 thread(s) per process on 4 cores' in hint and '--num_cpu_threads_per_process 4' in hint
+        assert '--num_cpu_threads_per_process 2' in recipe.idle_cores_hint(
+            SimpleNamespace(device=torch.device('cpu'), num_processes=2))
+        assert recipe.idle_cores_hint(SimpleNamespace(device=torch.device('cpu'), num_processes=4)) is None
+        assert recipe.idle_cores_hint(SimpleNamespace(device=torch.device('cuda'), num_processes=1)) is None
+        torch.set_num_threads(4)
+        assert recipe.idle_cores_hint(SimpleNamespace(device=torch.device('cpu'), num_processes=1)) is None
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_results_record_the_commit_the_run_started_from(tmp_path, monkeypatch):
     """A long run records the checkout it started from, not where HEAD has moved by the end."""
     heads = iter(['started-here', 'moved-on'])
