@@ -227,7 +227,7 @@ def idle_cores_hint(accelerator: Accelerator) -> Optional[str]:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
     per_process = max(cores // accelerator.num_processes, 1)
-    if torch.get_num_threads() >= per_process:
+    if torch.get_num_threads() > 1 or per_process == 1:  # more than accelerate's default: chosen, leave it
         return None
     return (f'note: {torch.get_num_threads()} thread(s) per process on {cores} cores (OMP_NUM_THREADS='
             f'{os.environ.get("OMP_NUM_THREADS", "unset")}; `accelerate launch` sets 1 unless told); for speed pass '
@@ -282,9 +282,7 @@ class RecipeData:
                 else:
                     train = load_dataset_split(source, data_cfg['train_split'])
                     self.test = load_dataset_split(source, data_cfg['test_split'])
-                    size = int(data_cfg['val_size']) if data_cfg['val_size'] >= 1 else float(data_cfg['val_size'])
-                    split = train.train_test_split(test_size=size, seed=seed)
-                    self.train, self.val = split['train'], split['test']
+                    self.train, self.val = split_train_val(train, data_cfg['val_size'], seed)
                     label_column = find_columns(train.features, **columns)[1]
                     self.label_names = list(train.features[label_column].names)
         except ValueError as err:
@@ -558,7 +556,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                          f"or 'bf16' (fp16 needs a loss scaler that lean mode's per-block backward cannot apply)")
     if isinstance(train_cfg['lr'], bool) or not isinstance(train_cfg['lr'], (int, float)) or not train_cfg['lr'] > 0:
         raise SystemExit(f"error: train.lr={train_cfg['lr']!r} must be a positive number")
-    if not 0 <= train_cfg['min_lr'] <= train_cfg['lr']:
+    if not isinstance(train_cfg['min_lr'], (int, float)) or not 0 <= train_cfg['min_lr'] <= train_cfg['lr']:
         raise SystemExit(f"error: train.min_lr={train_cfg['min_lr']!r} must be between 0 and "
                          f"train.lr={train_cfg['lr']!r} (where the cosine schedule ends)")
     split_seed = config['data']['split_seed']

@@ -66,6 +66,10 @@ def test_split_train_val_is_the_authors_random_split():
         authors_train, authors_val = torch.utils.data.random_split(range(600), [500, 100])
     train, val = split_train_val(data, 100, seed=42)
     assert train.labels.tolist() == list(authors_train) and val.labels.tolist() == list(authors_val)
+    # Streamed data (data.in_memory: false) is split the same way, before decoding.
+    rows = datasets.Dataset.from_dict({'label': list(range(600))})
+    train_rows, val_rows = split_train_val(rows, 1 / 6, seed=42)
+    assert train_rows['label'] == list(authors_train) and val_rows['label'] == list(authors_val)
 
 
 def test_augmentation_is_per_sample_seeded_and_in_range():

@@ -65,6 +65,7 @@ def test_digits_main_job(tmp_path):
     ('train.lr=0', 'train.lr=0.0 must be a positive number'),
     ('train.min_lr=1', r'train.min_lr=1.0 must be between 0 and train.lr=0.002'),
     ('data.split_seed=1.5', r'data.split_seed=1.5 must be a whole number \(or null: train.seed\)'),
+    ('train.min_lr=null', r'train.min_lr=None must be between 0 and train.lr=0.002'),
     ('train.sched_on_updates=epoch', "train.sched_on_updates='epoch'; use true .* or false"),
 ])
 def test_config_errors_stop_at_once(tmp_path, override, message):
@@ -154,6 +155,16 @@ def test_resume_into_another_model_stops_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match=r"(?s)cannot resume from .*step_00000002: it does not fit this run.s model.*"
                                          r"new output_dir"):
         recipe.main(args + ['model.args.fusion_start=2', '--resume'])
+
+
+def test_resume_from_a_checkpoint_of_the_old_schedule_stops_with_a_message(tmp_path):
+    """Checkpoints from before 94cc835 hold a CosineAnnealingLR state: refused, not mixed into the new schedule."""
+    args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.max_steps=2']
+    recipe.main(args)
+    old = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]), 2)
+    torch.save(old.state_dict(), tmp_path / 'checkpoints' / 'step_00000002' / 'custom_checkpoint_0.pkl')
+    with pytest.raises(SystemExit, match=r'cannot resume from .*step_00000002: it does not fit'):
+        recipe.main(args + ['--resume'])
 
 
 def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):

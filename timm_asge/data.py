@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -224,18 +224,25 @@ def _checked(data: ImageData, source: str) -> ImageData:
     return data
 
 
-def split_train_val(data: ImageData, val_size: float, seed: int) -> Tuple[ImageData, ImageData]:
+def split_train_val(data: Any, val_size: float, seed: int) -> Tuple[Any, Any]:
     """Seeded random split of the training set into train and validation (``val_size``: count or fraction).
 
     The split ``torch.utils.data.random_split(data, [train, val])`` makes after ``torch.manual_seed(seed)``, so seed
     42 on MNIST or FashionMNIST (in their original order) gives the authors' split.
+
+    Args:
+        data: Decoded ``ImageData``, or a ``datasets.Dataset`` (split with ``select``, still undecoded).
+        val_size: Validation samples: a count, or a fraction of ``data``.
+        seed: Seed of the permutation.
     """
     n_val = int(val_size) if val_size >= 1 else int(round(len(data) * val_size))
     if not 0 < n_val < len(data):
         raise ValueError(f'data.val_size={val_size} leaves no training or no validation samples of {len(data)}')
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     n_train = len(data) - n_val
-    return data.subset(perm[:n_train]), data.subset(perm[n_train:])
+    if isinstance(data, ImageData):
+        return data.subset(perm[:n_train]), data.subset(perm[n_train:])
+    return data.select(perm[:n_train].tolist()), data.select(perm[n_train:].tolist())
 
 
 def epoch_indices(num_samples: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
