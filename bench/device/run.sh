@@ -45,6 +45,10 @@ case $stage in
     #                          peak memory leaves out the graphs' pool, allocated while warming up)
     #   recipe:DATASET         the recipe at the config's own batch 128 and lr (the authors'): the reference curve;
     #                          last, as it may be cut off
+    #   together:A+B+...       train:/recipe: runs side by side, one process each, until all end or the budget does:
+    #                          at batch 128 a run is launch-bound and leaves the GPU mostly idle, so several finish in
+    #                          about the time of one. Their epoch times are not a lone run's (accuracy is unaffected);
+    #                          no retry, so pass TRAIN_ARGS that are known to work
     # A training run that fails (not cut off) is run again once with RETRY_ARGS (default train.compile=false; e.g.
     # train.compile=true after trying TRAIN_ARGS=train.compile=reduce-overhead), and so are the ones after it.
     # STAGES, TRAIN_ARGS (key=value overrides for every training stage) and SUITE_ARGS are for smaller runs.
@@ -57,9 +61,10 @@ case $stage in
     retry_args=${RETRY_ARGS-train.compile=false}
     last_train_s=0
     for stage_name in $stages; do
-      [[ $stage_name =~ ^(suite|suite:compile|suite:graphs|(train|recipe):[a-z0-9_]+)$ ]] || {
-        echo "unknown stage $stage_name in STAGES: use suite, suite:compile, suite:graphs, train:DATASET or" \
-          "recipe:DATASET" >&2
+      run='(train|recipe):[a-z0-9_]+'
+      [[ $stage_name =~ ^(suite|suite:compile|suite:graphs|$run|together:$run(\+$run)*)$ ]] || {
+        echo "unknown stage $stage_name in STAGES: use suite, suite:compile, suite:graphs, train:DATASET," \
+          "recipe:DATASET or together:train:A+recipe:B..." >&2
         exit 2
       }
     done
@@ -79,6 +84,16 @@ case $stage in
       [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=' (cut off at the budget)'
       echo "$1: exit $rc$note after $took s" | tee -a "$summary"
     }
+    training_run() {  # training_run STAGE: sets dataset, name and args of a train:/recipe: stage; 1 if not carried
+      dataset=${1#*:}
+      if [[ $1 == train:* ]]; then name=$dataset args="$fast_args $train_args"
+      else name=$dataset-recipe args=$train_args
+      fi
+      if [ "$dataset" != digits ] && [ ! -d "device_data/$dataset" ]; then
+        echo "$1: skipped, device_data/$dataset was not carried" | tee -a "$summary"
+        return 1
+      fi
+    }
     for stage_name in $stages; do
       left=$((deadline - SECONDS))  # run_stage skips a stage when less than MIN_STAGE_S is left
       case $stage_name in
@@ -88,15 +103,35 @@ case $stage in
         suite:graphs)
           run_stage suite:graphs bash "$0" suite --compile --compile-mode reduce-overhead --batch-sizes 128 256 512 \
             --no-profile ${SUITE_ARGS:-} ;;
-        train:* | recipe:*)
-          dataset=${stage_name#*:}
-          if [[ $stage_name == train:* ]]; then name=$dataset args="$fast_args $train_args"
-          else name=$dataset-recipe args=$train_args
-          fi
-          if [ "$dataset" != digits ] && [ ! -d "device_data/$dataset" ]; then
-            echo "$stage_name: skipped, device_data/$dataset was not carried" | tee -a "$summary"
+        together:*)
+          if [ "$left" -lt "${MIN_STAGE_S:-60}" ]; then
+            echo "$stage_name: skipped, $left s of the budget left" | tee -a "$summary"
             continue
           fi
+          began=$SECONDS pids=() members=()
+          mkdir -p /tmp/runs
+          IFS=+ read -ra runs <<< "${stage_name#together:}"
+          for member in "${runs[@]}"; do
+            training_run "$member" || continue
+            echo "== $member (together; $left s of the budget left)"
+            # Each run's output is in its own log ($OUT/NAME.log); interleaved here it would be unreadable.
+            (
+              timeout --kill-after=10 "$left" env RUN_NAME="$name" bash "$0" train "$dataset" $args > /dev/null 2>&1
+              echo "$? $((SECONDS - began))" > "/tmp/runs/$name.exit"  # its own end, whatever order they end in
+            ) &
+            pids+=($!) members+=("$member $name")
+          done
+          for i in "${!pids[@]}"; do
+            wait "${pids[$i]}"
+            member=${members[$i]% *} name=${members[$i]#* } note=''
+            read -r rc took < "/tmp/runs/$name.exit"
+            [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=' (cut off at the budget)'
+            echo "$member (together): exit $rc$note after $took s" | tee -a "$summary"
+            [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
+          done
+          ;;
+        train:* | recipe:*)
+          training_run "$stage_name" || continue
           if [[ $stage_name == train:* ]] && [ "$last_train_s" -gt "$left" ]; then
             echo "$stage_name: skipped, the last training run took $last_train_s s and $left s are left" |
               tee -a "$summary"
