@@ -231,3 +231,42 @@ def test_device_all_runs_training_stages_together(tmp_path):
     # Each kept its own settings: the fast one batch 512 (FAST_ARGS), the recipe its config's 64.
     assert fast['recipe']['train']['batch_size'] == 512 and recipe_run['recipe']['train']['batch_size'] == 64
     assert fast['steps'] == recipe_run['steps'] == 2 and log.startswith('run: python recipes/train.py')
+
+
+def test_repack_parquet_keeps_every_pixel_and_the_features(tmp_path):
+    """bench/device/repack_parquet.py: smaller files, the same decoded tensors, labels and class names; JPEGs kept."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from timm_asge.data import load_tensors
+
+    digits = load_tensors('digits', 'train', img_size=28, channels=1)
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=digits.label_names)})
+    rows = {'image': [Image.fromarray(im[0].numpy()) for im in digits.images], 'label': digits.labels.tolist()}
+    for name, fmt in (('greys', 'PNG'), ('photos', 'JPEG')):
+        folder = tmp_path / name
+        folder.mkdir()
+        encoded = []
+        for image in rows['image']:
+            buffer = io.BytesIO()
+            (image.convert('RGB') if fmt == 'JPEG' else image).save(buffer, format=fmt)
+            encoded.append({'bytes': buffer.getvalue(), 'path': None})
+        datasets.Dataset.from_dict({'image': encoded, 'label': rows['label']}, features=features).to_parquet(
+            folder / 'train-00000-of-00001.parquet')
+    before = {name: (tmp_path / name / 'train-00000-of-00001.parquet').read_bytes() for name in ('greys', 'photos')}
+    original = load_tensors(str(tmp_path / 'greys'), 'train', 28, 1, cache_dir=tmp_path / 'cache-before')
+    proc = subprocess.run([sys.executable, str(ROOT / 'bench' / 'device' / 'repack_parquet.py'),
+                           str(tmp_path / 'greys'), str(tmp_path / 'photos')], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r'greys/train-00000-of-00001.parquet: [\d.]+ -> [\d.]+ MiB, same pixels', proc.stdout)
+    assert 'photos/train-00000-of-00001.parquet: kept (JPEG RGB images)' in proc.stdout
+    after = (tmp_path / 'greys' / 'train-00000-of-00001.parquet').read_bytes()
+    assert len(after) < len(before['greys'])
+    assert (tmp_path / 'photos' / 'train-00000-of-00001.parquet').read_bytes() == before['photos']
+    repacked = load_tensors(str(tmp_path / 'greys'), 'train', 28, 1, cache_dir=tmp_path / 'cache-after')
+    assert torch.equal(repacked.images, original.images) and torch.equal(repacked.labels, original.labels)
+    assert repacked.label_names == original.label_names == digits.label_names
+    assert np.array_equal(repacked.images.numpy(), digits.images.numpy())
