@@ -208,13 +208,15 @@ def test_device_all_retries_a_failed_training_run_with_retry_args(tmp_path):
 
 
 def test_device_all_runs_training_stages_together(tmp_path):
-    """together:A+B runs its training stages side by side (one process each) and reports each one's end."""
+    """together:A+B runs its training stages side by side (one process each), reports each one's end, and runs the
+    ones that failed again, together, with RETRY_ARGS."""
     out = tmp_path / 'out'
     out.mkdir()
     env = {**os.environ, 'OUT': str(out), 'STAGES': 'together:train:digits+recipe:digits+recipe:not_carried',
            'BUDGET_S': '280', 'MIN_STAGE_S': '10',
            'TRAIN_ARGS': 'train.epochs=1 train.max_steps=2 train.mixed_precision=no train.channels_last=false '
-                         'train.compile=false'}
+                         'train.compile=bogus',
+           'RETRY_ARGS': 'train.compile=false'}
     proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -223,14 +225,18 @@ def test_device_all_runs_training_stages_together(tmp_path):
         summary = tar.extractfile('all-stages.txt').read().decode().splitlines()
         fast = json.load(tar.extractfile('digits-results.json'))
         recipe_run = json.load(tar.extractfile('digits-recipe-results.json'))
-        log = tar.extractfile('digits-recipe.log').read().decode()
-    assert {'digits.log', 'digits-recipe.log', 'digits-results.json', 'digits-recipe-results.json'} <= names
+        failed = tar.extractfile('digits-recipe-failed.log').read().decode()
+    assert {'digits.log', 'digits-recipe.log', 'digits-failed.log', 'digits-recipe-failed.log', 'digits-results.json',
+            'digits-recipe-results.json'} <= names
     assert summary[0] == 'recipe:not_carried: skipped, device_data/not_carried was not carried'
-    assert re.fullmatch(r'train:digits \(together\): exit 0 after \d+ s', summary[1]), summary
-    assert re.fullmatch(r'recipe:digits \(together\): exit 0 after \d+ s', summary[2]), summary
+    assert re.fullmatch(r'train:digits \(together\): exit 1 after \d+ s', summary[1]), summary
+    assert re.fullmatch(r'recipe:digits \(together\): exit 1 after \d+ s', summary[2]), summary
+    assert re.fullmatch(r'train:digits \(train.compile=false\) \(together\): exit 0 after \d+ s', summary[3]), summary
+    assert re.fullmatch(r'recipe:digits \(train.compile=false\) \(together\): exit 0 after \d+ s', summary[4])
+    assert "train.compile='bogus'" in failed
     # Each kept its own settings: the fast one batch 512 (FAST_ARGS), the recipe its config's 64.
     assert fast['recipe']['train']['batch_size'] == 512 and recipe_run['recipe']['train']['batch_size'] == 64
-    assert fast['steps'] == recipe_run['steps'] == 2 and log.startswith('run: python recipes/train.py')
+    assert fast['steps'] == recipe_run['steps'] == 2 and recipe_run['recipe']['train']['compile'] is False
 
 
 def test_repack_parquet_keeps_every_pixel_and_the_features(tmp_path):

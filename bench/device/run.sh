@@ -47,8 +47,8 @@ case $stage in
     #                          last, as it may be cut off
     #   together:A+B+...       train:/recipe: runs side by side, one process each, until all end or the budget does:
     #                          at batch 128 a run is launch-bound and leaves the GPU mostly idle, so several finish in
-    #                          about the time of one. Their epoch times are not a lone run's (accuracy is unaffected);
-    #                          no retry, so pass TRAIN_ARGS that are known to work
+    #                          about the time of one. Their epoch times are not a lone run's (accuracy is unaffected).
+    #                          Runs that fail run again, together, with RETRY_ARGS
     # A training run that fails (not cut off) is run again once with RETRY_ARGS (default train.compile=false; e.g.
     # train.compile=true after trying TRAIN_ARGS=train.compile=reduce-overhead), and so are the ones after it.
     # STAGES, TRAIN_ARGS (key=value overrides for every training stage) and SUITE_ARGS are for smaller runs.
@@ -84,15 +84,43 @@ case $stage in
       [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=' (cut off at the budget)'
       echo "$1: exit $rc$note after $took s" | tee -a "$summary"
     }
+    run_name() { if [[ $1 == train:* ]]; then echo "${1#*:}"; else echo "${1#*:}-recipe"; fi; }
     training_run() {  # training_run STAGE: sets dataset, name and args of a train:/recipe: stage; 1 if not carried
-      dataset=${1#*:}
-      if [[ $1 == train:* ]]; then name=$dataset args="$fast_args $train_args"
-      else name=$dataset-recipe args=$train_args
-      fi
+      dataset=${1#*:} name=$(run_name "$1")
+      if [[ $1 == train:* ]]; then args="$fast_args $train_args"; else args=$train_args; fi
       if [ "$dataset" != digits ] && [ ! -d "device_data/$dataset" ]; then
         echo "$1: skipped, device_data/$dataset was not carried" | tee -a "$summary"
         return 1
       fi
+    }
+    run_together() {  # run_together LABEL STAGE...: the training stages side by side; sets failed (not cut off)
+      local left=$((deadline - SECONDS)) began=$SECONDS pids=() members=() i member rc took note
+      failed=()
+      if [ "$left" -lt "${MIN_STAGE_S:-60}" ]; then
+        echo "together:$(IFS=+; echo "${*:2}")$1: skipped, $left s of the budget left" | tee -a "$summary"
+        return
+      fi
+      mkdir -p /tmp/runs
+      for member in "${@:2}"; do
+        training_run "$member" || continue
+        echo "== $member$1 (together; $left s of the budget left)"
+        # Each run's output is in its own log ($OUT/NAME.log); interleaved here it would be unreadable.
+        (
+          timeout --kill-after=10 "$left" env RUN_NAME="$name" bash "$0" train "$dataset" $args > /dev/null 2>&1
+          echo "$? $((SECONDS - began))" > "/tmp/runs/$name.exit"  # its own end, whatever order they end in
+        ) &
+        pids+=($!) members+=("$member")
+      done
+      for i in "${!pids[@]}"; do
+        wait "${pids[$i]}"
+        member=${members[$i]} name=$(run_name "${members[$i]}") note=''
+        read -r rc took < "/tmp/runs/$name.exit"
+        if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then note=' (cut off at the budget)'
+        elif [ "$rc" != 0 ]; then failed+=("$member")
+        fi
+        echo "$member$1 (together): exit $rc$note after $took s" | tee -a "$summary"
+        [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
+      done
     }
     for stage_name in $stages; do
       left=$((deadline - SECONDS))  # run_stage skips a stage when less than MIN_STAGE_S is left
@@ -104,31 +132,16 @@ case $stage in
           run_stage suite:graphs bash "$0" suite --compile --compile-mode reduce-overhead --batch-sizes 128 256 512 \
             --no-profile ${SUITE_ARGS:-} ;;
         together:*)
-          if [ "$left" -lt "${MIN_STAGE_S:-60}" ]; then
-            echo "$stage_name: skipped, $left s of the budget left" | tee -a "$summary"
-            continue
-          fi
-          began=$SECONDS pids=() members=()
-          mkdir -p /tmp/runs
           IFS=+ read -ra runs <<< "${stage_name#together:}"
-          for member in "${runs[@]}"; do
-            training_run "$member" || continue
-            echo "== $member (together; $left s of the budget left)"
-            # Each run's output is in its own log ($OUT/NAME.log); interleaved here it would be unreadable.
-            (
-              timeout --kill-after=10 "$left" env RUN_NAME="$name" bash "$0" train "$dataset" $args > /dev/null 2>&1
-              echo "$? $((SECONDS - began))" > "/tmp/runs/$name.exit"  # its own end, whatever order they end in
-            ) &
-            pids+=($!) members+=("$member $name")
-          done
-          for i in "${!pids[@]}"; do
-            wait "${pids[$i]}"
-            member=${members[$i]% *} name=${members[$i]#* } note=''
-            read -r rc took < "/tmp/runs/$name.exit"
-            [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=' (cut off at the budget)'
-            echo "$member (together): exit $rc$note after $took s" | tee -a "$summary"
-            [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
-          done
+          run_together "" "${runs[@]}"
+          if [ "${#failed[@]}" -gt 0 ] && [ -n "$retry_args" ] && [[ " $train_args " != *" $retry_args "* ]]; then
+            train_args="$train_args $retry_args"
+            for member in "${failed[@]}"; do
+              [ -f "$OUT/$(run_name "$member").log" ] && mv "$OUT/$(run_name "$member").log" \
+                "$OUT/$(run_name "$member")-failed.log"
+            done
+            run_together " ($retry_args)" "${failed[@]}"
+          fi
           ;;
         train:* | recipe:*)
           training_run "$stage_name" || continue
