@@ -27,7 +27,7 @@ download() {
   download device_data/whl/pyarrow15 datasets==4.0.0 dill==0.3.8 multiprocess==0.70.16
 for name in "$@"; do
   [ -d "$shared/$name" ] || { echo "error: no $shared/$name (set TIMM_ASGE_SHARED_DATA)" >&2; exit 1; }
-  rm -rf "device_data/$name" && cp -r "$shared/$name" "device_data/$name"
+  rm -rf "device_data/$name" && cp -r --no-preserve=mode "$shared/$name" "device_data/$name"
   python3 bench/device/repack_parquet.py "device_data/$name"
 done
 du -sh device_data/* | sed 's/^/  /'

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from timm_asge.data import find_columns
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's timm_asge, installed or not
+from timm_asge.data import find_columns  # noqa: E402
 
 
 def repack(path: Path) -> str:
@@ -37,7 +38,7 @@ def repack(path: Path) -> str:
         if image.format != 'PNG' or image.mode not in ('L', 'RGB'):
             return f'{path}: kept ({image.format} {image.mode} images)'
         buffer = io.BytesIO()
-        image.save(buffer, format='PPM')  # PGM for mode L: a 15-byte header and the raw pixels
+        image.save(buffer, format='PPM')  # PGM for mode L: a 13-byte header (28x28) and the raw pixels
         packed.append({'bytes': buffer.getvalue(), 'path': value.get('path')})
     repacked = table.set_column(table.column_names.index(image_column), image_column,
                                 pa.array(packed, type=column.type))
@@ -47,7 +48,10 @@ def repack(path: Path) -> str:
     if check.schema.metadata != table.schema.metadata:
         os.unlink(tmp)
         raise SystemExit(f'error: {path}: the repacked schema lost its metadata')
-    for old, new in zip(column.to_pylist(), check.column(image_column).to_pylist()):
+    if not check.drop_columns([image_column]).equals(table.drop_columns([image_column])):
+        os.unlink(tmp)
+        raise SystemExit(f'error: {path}: the repacked file differs outside the image column')
+    for old, new in zip(column.to_pylist(), check.column(image_column).to_pylist(), strict=True):
         if not np.array_equal(np.asarray(Image.open(io.BytesIO(old['bytes']))),
                               np.asarray(Image.open(io.BytesIO(new['bytes'])))):
             os.unlink(tmp)

@@ -46,9 +46,10 @@ case $stage in
     #   recipe:DATASET         the recipe at the config's own batch 128 and lr (the authors'): the reference curve;
     #                          last, as it may be cut off
     #   together:A+B+...       train:/recipe: runs side by side, one process each, until all end or the budget does:
-    #                          at batch 128 a run is launch-bound and leaves the GPU mostly idle, so several finish in
-    #                          about the time of one. Their epoch times are not a lone run's (accuracy is unaffected).
-    #                          Runs that fail run again, together, with RETRY_ARGS
+    #                          at batch 128 a lone run is launch-bound and leaves the GPU idle between its kernels,
+    #                          so several together should take less than one after another (unmeasured; without MPS
+    #                          the processes take turns on the GPU). Their epoch times are not a lone run's (accuracy
+    #                          is unaffected). A run that fails runs again at once with RETRY_ARGS
     # A training run that fails (not cut off) is run again once with RETRY_ARGS (default train.compile=false; e.g.
     # train.compile=true after trying TRAIN_ARGS=train.compile=reduce-overhead), and so are the ones after it.
     # STAGES, TRAIN_ARGS (key=value overrides for every training stage) and SUITE_ARGS are for smaller runs.
@@ -67,6 +68,11 @@ case $stage in
           "recipe:DATASET or together:train:A+recipe:B..." >&2
         exit 2
       }
+      if [[ $stage_name == together:* ]] &&
+        [ "$(tr + '\n' <<< "${stage_name#together:}" | sort | uniq -d)" ]; then
+        echo "$stage_name in STAGES names a run twice (they would share a log and an output folder)" >&2
+        exit 2
+      fi
     done
     summary="$OUT/all-stages.txt"
     : > "$summary"
@@ -93,32 +99,44 @@ case $stage in
         return 1
       fi
     }
-    run_together() {  # run_together LABEL STAGE...: the training stages side by side; sets failed (not cut off)
-      local left=$((deadline - SECONDS)) began=$SECONDS pids=() members=() i member rc took note
-      failed=()
+    run_together() {  # run_together STAGE...: the training stages side by side, each retried on its own if it fails
+      local left=$((deadline - SECONDS)) began=$SECONDS pids=() members=() i member rc took retried note
       if [ "$left" -lt "${MIN_STAGE_S:-60}" ]; then
-        echo "together:$(IFS=+; echo "${*:2}")$1: skipped, $left s of the budget left" | tee -a "$summary"
+        echo "together:$(IFS=+; echo "$*"): skipped, $left s of the budget left" | tee -a "$summary"
         return
       fi
       mkdir -p /tmp/runs
-      for member in "${@:2}"; do
+      for member in "$@"; do
         training_run "$member" || continue
-        echo "== $member$1 (together; $left s of the budget left)"
-        # Each run's output is in its own log ($OUT/NAME.log); interleaved here it would be unreadable.
+        echo "== $member (together; $left s of the budget left)"
+        rm -f "/tmp/runs/$name.exit"
+        # Each run's output is in its own log ($OUT/NAME.log); interleaved here it would be unreadable. A run that
+        # fails (not cut off) runs again at once with RETRY_ARGS, in what is left of the budget.
         (
           timeout --kill-after=10 "$left" env RUN_NAME="$name" bash "$0" train "$dataset" $args > /dev/null 2>&1
-          echo "$? $((SECONDS - began))" > "/tmp/runs/$name.exit"  # its own end, whatever order they end in
+          rc=$? retried=0
+          if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$rc" != 137 ] && [ -n "$retry_args" ] &&
+            [[ " $args " != *" $retry_args "* ]] && [ $((deadline - SECONDS)) -ge "${MIN_STAGE_S:-60}" ]; then
+            echo "$member (together): exit $rc after $((SECONDS - began)) s" | tee -a "$summary"
+            [ -f "$OUT/$name.log" ] && mv "$OUT/$name.log" "$OUT/$name-failed.log"
+            timeout --kill-after=10 $((deadline - SECONDS)) env RUN_NAME="$name" bash "$0" train "$dataset" $args \
+              $retry_args > /dev/null 2>&1
+            rc=$? retried=1
+          fi
+          echo "$rc $((SECONDS - began)) $retried" > "/tmp/runs/$name.exit"  # its own end, whatever the order
         ) &
         pids+=($!) members+=("$member")
       done
       for i in "${!pids[@]}"; do
         wait "${pids[$i]}"
         member=${members[$i]} name=$(run_name "${members[$i]}") note=''
-        read -r rc took < "/tmp/runs/$name.exit"
-        if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then note=' (cut off at the budget)'
-        elif [ "$rc" != 0 ]; then failed+=("$member")
+        read -r rc took retried < "/tmp/runs/$name.exit" || { rc=255 took='?' retried=0; }
+        [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=' (cut off at the budget)'
+        if [ "$retried" = 1 ]; then
+          member="$member ($retry_args)"
+          [[ " $train_args " == *" $retry_args "* ]] || train_args="$train_args $retry_args"  # for later stages too
         fi
-        echo "$member$1 (together): exit $rc$note after $took s" | tee -a "$summary"
+        echo "$member (together): exit $rc$note after $took s" | tee -a "$summary"
         [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
       done
     }
@@ -133,15 +151,7 @@ case $stage in
             --no-profile ${SUITE_ARGS:-} ;;
         together:*)
           IFS=+ read -ra runs <<< "${stage_name#together:}"
-          run_together "" "${runs[@]}"
-          if [ "${#failed[@]}" -gt 0 ] && [ -n "$retry_args" ] && [[ " $train_args " != *" $retry_args "* ]]; then
-            train_args="$train_args $retry_args"
-            for member in "${failed[@]}"; do
-              [ -f "$OUT/$(run_name "$member").log" ] && mv "$OUT/$(run_name "$member").log" \
-                "$OUT/$(run_name "$member")-failed.log"
-            done
-            run_together " ($retry_args)" "${failed[@]}"
-          fi
+          run_together "${runs[@]}"
           ;;
         train:* | recipe:*)
           training_run "$stage_name" || continue
