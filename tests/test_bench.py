@@ -150,6 +150,12 @@ def test_accuracy_report_reads_a_cut_off_log(tmp_path, capsys, monkeypatch):
     assert "--log-run names one run, but" in capsys.readouterr().err
 
 
+def run_device_all(env, timeout=300):
+    """``bench/device/run.sh all`` as the GPU machine runs it, here on the CPU."""
+    return subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     """bench/device/run.sh all: stages in order, skips what was not carried or no longer fits, one tar back."""
     out = tmp_path / 'out'
@@ -157,11 +163,7 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     env = {**os.environ, 'OUT': str(out), 'STAGES': 'train:not_carried suite suite:compile',
            'SUITE_ARGS': '--toy --no-profile', 'BUDGET_S': '201', 'MIN_STAGE_S': '200'}
 
-    def run_all():
-        return subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-
-    proc = run_all()
+    proc = run_device_all(env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in out.iterdir()] == ['all.tar']
     with tarfile.open(out / 'all.tar') as tar:
@@ -177,7 +179,7 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     assert all(r['cudagraph_skips'] is None for r in suite['results'])  # no CUDA graphs asked for
     assert [a['compiled'] for a in suite['augmentation']] == [False] and suite['augmentation'][0]['batch_ms'] > 0
     env['STAGES'] = 'suite trian:mnist'
-    proc = run_all()
+    proc = run_device_all(env)
     assert proc.returncode == 2 and 'unknown stage trian:mnist in STAGES' in proc.stderr  # before any stage runs
 
 
@@ -189,8 +191,7 @@ def test_device_all_retries_a_failed_training_run_with_retry_args(tmp_path):
            'FAST_ARGS': 'train.epochs=1 train.max_steps=2 train.mixed_precision=no train.channels_last=false '
                         'train.profile_steps=1',
            'TRAIN_ARGS': 'train.compile=bogus', 'RETRY_ARGS': 'train.compile=false'}
-    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_device_all(env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with tarfile.open(out / 'all.tar') as tar:
         names = set(tar.getnames())
@@ -217,8 +218,7 @@ def test_device_all_runs_training_stages_together(tmp_path):
            'TRAIN_ARGS': 'train.epochs=1 train.max_steps=2 train.mixed_precision=no train.channels_last=false '
                          'train.compile=bogus',
            'RETRY_ARGS': 'train.compile=false'}
-    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_device_all(env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with tarfile.open(out / 'all.tar') as tar:
         names = set(tar.getnames())
@@ -240,8 +240,7 @@ def test_device_all_runs_training_stages_together(tmp_path):
     assert fast['recipe']['train']['batch_size'] == 512 and recipe_run['recipe']['train']['batch_size'] == 64
     assert fast['steps'] == recipe_run['steps'] == 2 and recipe_run['recipe']['train']['compile'] is False
     env['STAGES'] = 'together:recipe:mnist+train:mnist+recipe:mnist'
-    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'all'], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = run_device_all(env, timeout=60)
     assert proc.returncode == 2 and 'names a run twice' in proc.stderr
 
 

@@ -90,6 +90,9 @@ case $stage in
       [ "$rc" = 124 ] || [ "$rc" = 137 ] && note=' (cut off at the budget)'
       echo "$1: exit $rc$note after $took s" | tee -a "$summary"
     }
+    should_retry() {  # should_retry RC ARGS: the run failed (not cut off at the budget) and RETRY_ARGS are new to it
+      [ "$1" != 0 ] && [ "$1" != 124 ] && [ "$1" != 137 ] && [ -n "$retry_args" ] && [[ " $2 " != *" $retry_args "* ]]
+    }
     run_name() { if [[ $1 == train:* ]]; then echo "${1#*:}"; else echo "${1#*:}-recipe"; fi; }
     training_run() {  # training_run STAGE: sets dataset, name and args of a train:/recipe: stage; 1 if not carried
       dataset=${1#*:} name=$(run_name "$1")
@@ -115,8 +118,7 @@ case $stage in
         (
           timeout --kill-after=10 "$left" env RUN_NAME="$name" bash "$0" train "$dataset" $args > /dev/null 2>&1
           rc=$? retried=0
-          if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$rc" != 137 ] && [ -n "$retry_args" ] &&
-            [[ " $args " != *" $retry_args "* ]] && [ $((deadline - SECONDS)) -ge "${MIN_STAGE_S:-60}" ]; then
+          if should_retry "$rc" "$args" && [ $((deadline - SECONDS)) -ge "${MIN_STAGE_S:-60}" ]; then
             echo "$member (together): exit $rc after $((SECONDS - began)) s" | tee -a "$summary"
             [ -f "$OUT/$name.log" ] && mv "$OUT/$name.log" "$OUT/$name-failed.log"
             timeout --kill-after=10 $((deadline - SECONDS)) env RUN_NAME="$name" bash "$0" train "$dataset" $args \
@@ -161,8 +163,7 @@ case $stage in
             continue
           fi
           run_stage "$stage_name" env RUN_NAME="$name" bash "$0" train "$dataset" $args
-          if [ "$rc" != 0 ] && [ "$rc" != 124 ] && [ "$rc" != 137 ] && [ -n "$retry_args" ] &&
-            [[ " $args " != *" $retry_args "* ]]; then
+          if should_retry "$rc" "$args"; then
             [ -f "$OUT/$name.log" ] && mv "$OUT/$name.log" "$OUT/$name-failed.log"
             train_args="$train_args $retry_args" args="$args $retry_args"
             run_stage "$stage_name ($retry_args)" env RUN_NAME="$name" bash "$0" train "$dataset" $args
