@@ -9,11 +9,15 @@ averages the whole run, torch.compile's compilation included; ``steady`` is the 
 A run cut off before it wrote ``results.json`` (a GPU call's time limit) is read from its log instead: the ``run:``
 line gives the command, commit and hardware, and every epoch line its accuracy and time; it has no final test.
 Logs older than the ``run:`` line take it from ``--log-run``. Pass a run's log only where its results.json is missing.
+A record written earlier with ``--out`` adds its runs as they were recorded. ``--plot`` draws every run's validation
+curve by epoch beside the authors' point (the same accuracy after the same epochs?) and its test curve by seconds of
+training steps beside the target (time to accuracy).
 
 Usage:
     python bench/accuracy_report.py outputs/fashion_mnist/results.json outputs/mnist/results.json
     python bench/accuracy_report.py $OUT/*-results.json $OUT/fashion_mnist-recipe.log \\
         --out bench/results/accuracy-H100.json
+    python bench/accuracy_report.py bench/results/accuracy-*.json --plot curves.png
 """
 import argparse
 import json
@@ -25,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from timm_asge.fileio import atomic_path
+
 from cpu_throughput import environment, write_record  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +41,8 @@ TARGET = {'fashion_mnist': 93.41, 'mnist': 99.65, 'cifar10': 87.3}
 AUTHORS_EPOCH_S = {'fashion_mnist': (7.1, 8.1), 'cifar10': (8.6, 9.3)}
 # ... and their validation accuracy (%) after that many epochs of the 100-epoch schedule: the curve to match.
 AUTHORS_VAL_AT = {'fashion_mnist': (8, 89.2)}
+# Issue 5's time to accuracy: the target above within this many seconds of training on one H100.
+TIME_TO_TARGET_S = {'fashion_mnist': 180}
 
 
 def first_epoch_at(history: List[Dict[str, Any]], target: float) -> Optional[Dict[str, Any]]:
@@ -146,7 +154,89 @@ def summarise(path: Path, run_line: Optional[str] = None) -> Dict[str, Any]:
             epoch=reached['epoch'] + 1, step_time_s=reached.get('step_time_s'), wall_time_s=reached['time_s']),
         val_fusion_by_epoch=[round(100 * h['val_fusion_acc'], 2) for h in history],
         test_fusion_by_epoch=[round(100 * h['test_fusion_acc'], 2) for h in history if 'test_fusion_acc' in h],
+        # [seconds of training steps so far, test accuracy %] after each epoch: the time-to-accuracy curve.
+        test_fusion_by_step_time=[[round(h['step_time_s'], 2), round(100 * h['test_fusion_acc'], 2)]
+                                  for h in history if 'test_fusion_acc' in h and h.get('step_time_s') is not None],
     )
+
+
+def report_rows(path: Path, run_line: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The rows of one input: a run's ``results.json`` or log, or every run of a record written with ``--out``."""
+    if path.suffix == '.json':
+        record = json.loads(path.read_text())
+        if 'runs' in record:
+            return record['runs']
+    return [summarise(path, run_line)]
+
+
+def run_label(row: Dict[str, Any]) -> str:
+    """'H200: batch 512, lr 8e-4, bf16' (the machine without 'N x' and versions), with done/scheduled epochs."""
+    machine = re.sub(r'^\d+ x ', '', row['hardware'].split(', torch')[0])
+    precision = 'fp32' if row['mixed_precision'] == 'no' else row['mixed_precision']
+    label = f"{machine}: batch {row['batch_size']}, lr {row['lr']:g}, {precision}"
+    if row['epochs'] < row['scheduled_epochs']:
+        label += f" ({row['epochs']} of {row['scheduled_epochs']} epochs)"
+    return label
+
+
+def plot_curves(rows: List[Dict[str, Any]], path: Path) -> 'matplotlib.figure.Figure':
+    """One row of panels per dataset: validation accuracy by epoch, with the authors' point, and test accuracy by
+    seconds of training steps, with the target (time to accuracy). Runs of any machine share the epoch axis. Returns
+    the (closed) figure."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    # 20, 50, 100 on the log axes rather than 10^1, 10^2 (minor ticks: only the 2s and 5s, or they collide).
+    major = FuncFormatter(lambda value, _: f'{value:g}')
+    minor = FuncFormatter(lambda value, _: f'{value:g}' if f'{value:g}'[0] in '25' else '')
+
+    datasets = list(dict.fromkeys(r['dataset'] for r in rows))
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(13, 4.2 * len(datasets)), squeeze=False)
+    for (by_epoch, by_time), name in zip(axes, datasets):
+        runs = [r for r in rows if r['dataset'] == name]
+        for r in runs:
+            curve = by_epoch.plot(range(1, len(r['val_fusion_by_epoch']) + 1), r['val_fusion_by_epoch'],
+                                  marker='.', ms=3, label=run_label(r))
+            if r.get('test_fusion_by_step_time'):  # absent from records written before it was kept
+                seconds, accuracy = zip(*r['test_fusion_by_step_time'])
+                by_time.plot(seconds, accuracy, marker='.', ms=3, color=curve[0].get_color(), label=run_label(r))
+        if name in AUTHORS_VAL_AT:
+            epoch, accuracy = AUTHORS_VAL_AT[name]
+            by_epoch.plot([epoch], [accuracy], 'k*', ms=12, label=f"authors' code, H100: {accuracy}% after {epoch}")
+        if name in TARGET:
+            by_time.axhline(TARGET[name], color='k', ls='--', lw=1, label=f'target {TARGET[name]}%')
+        # The first epochs sit far below the rest: start the axis at the lowest accuracy after epoch 2.
+        values = [a for r in runs for a in r['val_fusion_by_epoch']]
+        later = [a for r in runs for a in r['val_fusion_by_epoch'][2:]] or values
+        top = max(values + [TARGET.get(name, 0)])
+        # Log scale: the first epochs (where a larger batch trails) get as much room as the rest of the schedule.
+        by_epoch.set(xlabel='epoch (log scale)', ylabel='validation accuracy, fusion (%)',
+                     title=f'{name}: accuracy by epoch', ylim=(min(later) - 1, min(100, top + 0.5)), xscale='log')
+        by_time.set(xlabel='seconds of training steps', ylabel='test accuracy, fusion (%)',
+                    title=f'{name}: time to accuracy', ylim=by_epoch.get_ylim())
+        if any(r.get('test_fusion_by_step_time') for r in runs):
+            by_time.set_xscale('log')  # a GPU run's seconds beside a CPU run's hours
+            by_time.set_xlabel('seconds of training steps (log scale)')
+            if name in TIME_TO_TARGET_S:
+                by_time.axvline(TIME_TO_TARGET_S[name], color='k', ls=':', lw=1,
+                                label=f'{TIME_TO_TARGET_S[name]} s (on an H100)')
+        else:
+            by_time.text(0.5, 0.5, 'no test accuracy per epoch\n(train.test_every_epoch=true records it)',
+                         ha='center', va='center', transform=by_time.transAxes)
+        for ax in (by_epoch, by_time):
+            if ax.get_xscale() == 'log':
+                ax.xaxis.set_major_formatter(major)
+                ax.xaxis.set_minor_formatter(minor)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=110)
+    plt.close(fig)
+    return fig
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -154,28 +244,34 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 
 def target_status(row: Dict[str, Any]) -> str:
-    """'met' / 'NOT met' for a finished run, 'cut off' for a log without a final test, '-' without a target."""
+    """'met' / 'NOT met' for a finished run, 'cut off' for a log without a final test, 'stopped' for a run tested
+    before the end of its schedule (``train.stop_after_epochs``) that missed the target, '-' without a target."""
     if not row['target']:
         return '-'
     if row['test_accuracy'] is None:
         return 'cut off'
-    return 'met' if row['target_met'] else 'NOT met'
+    if row['target_met']:
+        return 'met'
+    return 'stopped' if row['epochs'] < row['scheduled_epochs'] else 'NOT met'
 
 
 def main() -> None:
     """Print the report table and, with ``--out``, write it as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('results', nargs='+', type=Path, help='results.json files or logs (*.log) of recipe runs')
+    parser.add_argument('results', nargs='+', type=Path,
+                        help='results.json files or logs (*.log) of recipe runs, or records written with --out')
     parser.add_argument('--log-run', default=None,
                         help="'COMMAND | commit HASH | HARDWARE' for logs written before the recipe printed it")
     parser.add_argument('--out', type=Path, default=None, help='JSON to write (default: print only)')
     parser.add_argument('--note', default=None, help='a remark kept in the JSON (when and how the runs were made)')
-    args = parser.parse_args()
+    parser.add_argument('--plot', type=Path, default=None,
+                        help='PNG to draw: validation accuracy by epoch and test accuracy by time, per dataset')
+    args = parser.parse_intermixed_args()  # inputs may follow --log-run and the other options
     without_run_line = [str(p) for p in args.results if p.suffix == '.log' and not has_run_line(p)]
     if args.log_run and len(without_run_line) > 1:
         parser.error(f"--log-run names one run, but {', '.join(without_run_line)} all lack a 'run:' line: "
                      f'report them one at a time')
-    rows = [summarise(path, args.log_run) for path in args.results]
+    rows = [row for path in args.results for row in report_rows(path, args.log_run)]
 
     header = (f"{'dataset':<14} {'epochs':>6} {'batch':>5} {'prec':>5} {'fusion %':>8} {'last %':>7} {'best %':>7} "
               f"{'paper %':>7} {'target':>7} {'s/epoch':>8} {'steady':>7} {'authors s/ep':>12} {'img/s':>9} "
@@ -208,6 +304,9 @@ def main() -> None:
         if args.note:
             record['note'] = args.note
         write_record(args.out, record)
+    if args.plot:
+        plot_curves(rows, args.plot)
+        print(f'wrote {args.plot}')
 
 
 if __name__ == '__main__':

@@ -44,6 +44,7 @@ import timm
 import timm_asge  # noqa: F401 (registers the asge_* models)
 from timm_asge import LocalLearner, param_groups
 from timm_asge.costs import training_activation_bytes
+from timm_asge.fileio import atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 INPUT_SIZES = {'asge_cnn_tiny': (1, 16, 16), 'asge_cnn': (3, 32, 32)}
@@ -182,8 +183,8 @@ def dirty() -> Optional[bool]:
 
 def write_record(out: Path, record: Dict[str, Any]) -> None:
     """Write a benchmark's JSON record (creating bench/results/ if needed) and say where."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + '\n')
+    with atomic_path(out) as tmp:  # (creates the folder) an interrupted write leaves the earlier record whole
+        tmp.write_text(json.dumps(record, indent=2) + '\n')
     print(f'wrote {out}')
 
 

@@ -95,6 +95,46 @@ def test_accuracy_report_sets_a_long_schedules_first_epochs_beside_the_authors_c
     accuracy_report.main()
     out = capsys.readouterr().out
     assert ' 8/100 ' in out and "validation after epoch 8: ours 92.00%, the authors' code 89.2%" in out
+    # Stopped after 8 of 100 epochs: the target is not missed, the schedule was not run.
+    assert re.search(r'8/100 .* 93\.41 +stopped ', out)
+
+
+def test_accuracy_report_plots_curves_of_runs_and_of_earlier_records(tmp_path, capsys, monkeypatch):
+    """--plot: validation by epoch beside the authors' point, test by time beside the target; records are inputs."""
+    history = [dict(epoch=e, step_time_s=20.0 + 5 * e, time_s=22.0 + 6 * e, val_fusion_acc=0.88 + 0.01 * e,
+                    test_fusion_acc=0.89 + 0.015 * e) for e in range(4)]
+    fashion = _results(tmp_path, {'fusion': 0.935, 'last': 0.93, 'best': 0.93}, history)
+    record = tmp_path / 'accuracy-H100.json'
+    monkeypatch.setattr(sys, 'argv', ['accuracy_report.py', str(fashion), '--out', str(record)])
+    accuracy_report.main()
+    (row,) = json.loads(record.read_text())['runs']
+    assert row['test_fusion_by_step_time'] == [[20.0, 89.0], [25.0, 90.5], [30.0, 92.0], [35.0, 93.5]]
+    # A later report reads the record's runs as they were written, beside a new run of another dataset without a
+    # test curve (and inputs may follow the options).
+    digits = tmp_path / 'mnist' / 'results.json'
+    digits.parent.mkdir()
+    results = json.loads(fashion.read_text())
+    results['dataset']['name'], results['hardware'] = 'mnist', '1 x 2-core CPU (Intel Xeon), torch 2.14.1'
+    results['history'] = [{k: v for k, v in h.items() if k != 'test_fusion_acc'} for h in history]
+    digits.write_text(json.dumps(results))
+    assert accuracy_report.report_rows(record) == [row]
+    plot = tmp_path / 'curves.png'
+    monkeypatch.setattr(sys, 'argv', ['accuracy_report.py', '--plot', str(plot), str(record), str(digits)])
+    accuracy_report.main()
+    assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and f'wrote {plot}' in capsys.readouterr().out
+    rows = [row, accuracy_report.summarise(digits)]
+    fashion_epochs, fashion_time, mnist_epochs, mnist_time = accuracy_report.plot_curves(rows, plot).axes
+    run, authors = fashion_epochs.get_lines()
+    assert list(run.get_xdata()) == [1, 2, 3, 4] and list(run.get_ydata()) == pytest.approx([88, 89, 90, 91])
+    assert run.get_label() == 'NVIDIA H100: batch 512, lr 0.0004, bf16'
+    assert (authors.get_xdata()[0], authors.get_ydata()[0]) == (8, 89.2)  # the authors' code after 8 epochs
+    run, target, limit = fashion_time.get_lines()
+    assert list(run.get_xdata()) == [20, 25, 30, 35] and list(target.get_ydata()) == [93.41, 93.41]
+    assert list(limit.get_xdata()) == [180, 180] and fashion_time.get_xscale() == 'log'
+    assert mnist_epochs.get_lines()[0].get_label() == '2-core CPU (Intel Xeon): batch 512, lr 0.0004, bf16'
+    # No test curve: the panel says how to record one, beside the target alone.
+    assert [line.get_label() for line in mnist_time.get_lines()] == ['target 99.65%']
+    assert 'train.test_every_epoch=true' in mnist_time.texts[0].get_text()
 
 
 def _epoch_line(epoch, val, test, step_s, all_s):
