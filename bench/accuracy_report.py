@@ -170,7 +170,7 @@ def report_rows(path: Path, run_line: Optional[str] = None) -> List[Dict[str, An
 
 
 def run_label(row: Dict[str, Any]) -> str:
-    """'H200: batch 512, lr 8e-4, bf16' (the machine without 'N x' and versions), with done/scheduled epochs."""
+    """'NVIDIA H200: batch 512, lr 0.0008, bf16': the machine without 'N x' and versions; done/scheduled epochs."""
     machine = re.sub(r'^\d+ x ', '', row['hardware'].split(', torch')[0])
     precision = 'fp32' if row['mixed_precision'] == 'no' else row['mixed_precision']
     label = f"{machine}: batch {row['batch_size']}, lr {row['lr']:g}, {precision}"
