@@ -4,6 +4,7 @@ import re
 import torch
 
 from conftest import ROOT
+from timm_asge.data import load_tensors
 
 README = (ROOT / 'README.md').read_text()
 
@@ -13,17 +14,22 @@ def _code_after(heading: str, lang: str) -> str:
     return re.search(rf'```{lang}\n(.*?)```', section, flags=re.S).group(1)
 
 
-def test_engine_example_trains_and_chooses_best():
+def test_engine_example_learns_digits_with_every_strategy():
+    """The engine alone (no recipe) teaches asge_cnn_tiny real handwritten digits (scikit-learn's 8x8 digits at
+    16x16): every prediction strategy reaches 90% on the held-out test images (seeds 0-2: 93.0-98.3%)."""
     namespace = {}
     torch.manual_seed(0)
     exec(compile(_code_after('### Train with the engine', 'python'), 'README.md', 'exec'), namespace)
-    model, val = namespace['model'], namespace['val']
-    assert model.best_index is not None
-    model.set_prediction('best')
+    model, to_model_input = namespace['model'], namespace['to_model_input']
+    assert model.best_index is not None  # set by the example's choose_best_block on the validation images
+    test = load_tensors('digits', 'test', 16, 1)
     model.eval()
-    with torch.no_grad():
-        accuracy = (model(namespace['to_model_input'](val.images)).argmax(1) == val.labels).float().mean().item()
-    assert accuracy > 0.9
+    accuracy = {}
+    for strategy in ('fusion', 'last', 'best'):
+        model.set_prediction(strategy)
+        with torch.no_grad():
+            accuracy[strategy] = (model(to_model_input(test.images)).argmax(1) == test.labels).float().mean().item()
+    assert min(accuracy.values()) >= 0.90, accuracy
 
 
 def test_ci_runs_the_readme_test_command():

@@ -17,18 +17,22 @@ mkdir -p "$OUT"
 export TIMM_ASGE_COMMIT=${TIMM_ASGE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 [ -n "$TIMM_ASGE_COMMIT" ] || echo "warning: no commit known; set TIMM_ASGE_COMMIT=<hash> in the command" >&2
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TIMM_ASGE_CACHE=/tmp/timm_asge_cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-if [ -d device_data/whl ] && ! python3 -c 'import datasets' 2>/dev/null; then
-  wheels=device_data/whl/pyarrow21
-  python3 -c 'import pyarrow, sys; sys.exit(int(pyarrow.__version__.split(".")[0]) < 21)' ||
-    wheels=device_data/whl/pyarrow15
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$wheels"/*.whl || exit 1
-fi
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c 'import torch, timm, accelerate, huggingface_hub, pyarrow
+# Set-up once a call: the stages run this script again for every training run and suite, and each import of torch
+# and the rest takes 2-10 s (the children inherit RUN_SH_READY and PYTHONPATH).
+if [ -z "${RUN_SH_READY:-}" ]; then
+  if [ -d device_data/whl ] && ! python3 -c 'import datasets' 2>/dev/null; then
+    wheels=device_data/whl/pyarrow21
+    python3 -c 'import pyarrow, sys; sys.exit(int(pyarrow.__version__.split(".")[0]) < 21)' ||
+      wheels=device_data/whl/pyarrow15
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$wheels"/*.whl || exit 1
+  fi
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" RUN_SH_READY=1
+  python3 -c 'import torch, timm, accelerate, huggingface_hub, pyarrow
 print("torch", torch.__version__, "timm", timm.__version__,
 "accelerate", accelerate.__version__, "hub", huggingface_hub.__version__, "pyarrow", pyarrow.__version__,
 "cuda", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+fi
 stage=${1:?usage: run.sh all | suite [gpu_suite args] | train DATASET [key=value ...]}
 shift
 case $stage in
