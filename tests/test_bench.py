@@ -220,7 +220,8 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     assert [a['compiled'] for a in suite['augmentation']] == [False] and suite['augmentation'][0]['batch_ms'] > 0
     env['STAGES'] = 'suite trian:mnist'
     proc = run_device_all(env)
-    assert proc.returncode == 2 and 'unknown stage trian:mnist in STAGES' in proc.stderr  # before any stage runs
+    assert proc.returncode == 2 and 'unknown stage trian:mnist in STAGES' in proc.stderr
+    assert proc.stdout == ''  # before the set-up (seconds of imports) and any stage
 
 
 def test_device_all_retries_a_failed_training_run_with_retry_args(tmp_path):
@@ -281,7 +282,7 @@ def test_device_all_runs_training_stages_together(tmp_path):
     assert fast['steps'] == recipe_run['steps'] == 2 and recipe_run['recipe']['train']['compile'] is False
     env['STAGES'] = 'together:recipe:mnist+train:mnist+recipe:mnist'
     proc = run_device_all(env, timeout=60)
-    assert proc.returncode == 2 and 'names a run twice' in proc.stderr
+    assert proc.returncode == 2 and 'names a run twice' in proc.stderr and proc.stdout == ''
 
 
 def test_repack_parquet_keeps_every_pixel_and_the_features(tmp_path):

@@ -86,11 +86,16 @@ def test_model_args_override_adds_to_the_config_file():
         recipe.load_config(DIGITS, ['model.args=3'])
 
 
-def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path, capsys):
+def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path, capsys, monkeypatch):
+    plotted, draw = [], recipe.plot_history  # epochs in the plot, each time it is drawn
+    monkeypatch.setattr(recipe, 'plot_history',
+                        lambda history, *args: plotted.append(len(history)) or draw(history, *args))
     results = recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'train.epochs=3', 'train.checkpoint_epochs=2',
                            'train.test_every_epoch=true'])
     # 21 steps per epoch: a checkpoint after epoch 2 and, as the last epoch always saves, after epoch 3; not after 1.
     assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step_00000042', 'step_00000063']
+    # Seconds into the run, the epoch-2 checkpoint comes before the plot's minute is up: one plot, at the end.
+    assert plotted == [3] and (tmp_path / 'block_accuracy.png').stat().st_size > 0
     history = results['history']
     assert [h['epoch'] for h in history] == [0, 1, 2]
     assert all(0 <= h['test_fusion_acc'] <= 1 and len(h['test_block_acc']) == 4 for h in history)
@@ -334,7 +339,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
-    args = ['--config', DIGITS, 'train.epochs=3', 'train.checkpoint_every=7', 'train.keep_checkpoints=100']
+    args = ['--config', DIGITS, 'train.epochs=2', 'train.checkpoint_every=7', 'train.keep_checkpoints=100']
     full = run_recipe(*args, f'output_dir={tmp_path / "full"}', timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
 
@@ -351,7 +356,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert 'resumed from' in resumed.stdout + resumed.stderr
 
-    for name in ('export/model.safetensors', 'checkpoints/step_00000063/model.safetensors'):
+    for name in ('export/model.safetensors', 'checkpoints/step_00000042/model.safetensors'):
         a, b = load_file(str(tmp_path / 'full' / name)), load_file(str(out / name))
         assert a.keys() == b.keys()
         for key in a:
@@ -391,13 +396,16 @@ def test_two_cpu_processes_train_in_sync(tmp_path):
 
 @pytest.mark.shared_data
 def test_fashion_mnist_config_improves_on_the_cpu(tmp_path):
-    """The FashionMNIST recipe on the exact offline copy, with a short CPU budget (narrow VGG8, 200 steps)."""
+    """The FashionMNIST recipe on the exact offline copy, with a short CPU budget (narrow VGG8, 120 steps).
+
+    Seeds 0-2 reach 50-55% fusion test accuracy against about 10% untrained."""
     path = shared_dataset('fashion_mnist')
     widths = [16, 32, 32, 64, 64, 64, 64]
+    # Evaluation (30,000 images) costs as much as training here; CPUs run this net 1.5x faster at batch 250 than 2000.
     results = recipe.main([
         '--config', str(ROOT / 'recipes' / 'configs' / 'fashion_mnist.yaml'), f'output_dir={tmp_path}',
-        f'data.path={path}', 'train.cpu=true', 'train.max_steps=200', 'train.batch_size=64', 'train.lr=5e-3',
-        f'model.args.widths={widths}', 'train.eval_batch_size=2000', 'train.log_every=50'])
+        f'data.path={path}', 'train.cpu=true', 'train.max_steps=120', 'train.batch_size=64', 'train.lr=5e-3',
+        f'model.args.widths={widths}', 'train.eval_batch_size=250', 'train.log_every=50'])
     assert results['dataset']['splits'] == {'train': 50000, 'validation': 10000, 'test': 10000}
     assert results['dataset']['label_names'][0] == 'T - shirt / top'
 
@@ -406,7 +414,8 @@ def test_fashion_mnist_config_improves_on_the_cpu(tmp_path):
     untrained = timm.create_model('asge_cnn', widths=widths, in_chans=1, pool_type='avg').eval()
     test = load_tensors(str(path), 'test', 32, 1)
     with torch.no_grad():
-        before = (untrained(to_model_input(test.images)).argmax(1) == test.labels).double().mean().item()
+        predictions = torch.cat([untrained(to_model_input(images)).argmax(1) for images in test.images.split(250)])
+    before = (predictions == test.labels).double().mean().item()
     assert before < 0.25
     assert results['val_accuracy']['fusion'] > before + 0.25, (before, results['val_accuracy'])
     for strategy, accuracy in results['test_accuracy'].items():

@@ -17,6 +17,25 @@ mkdir -p "$OUT"
 export TIMM_ASGE_COMMIT=${TIMM_ASGE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 [ -n "$TIMM_ASGE_COMMIT" ] || echo "warning: no commit known; set TIMM_ASGE_COMMIT=<hash> in the command" >&2
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TIMM_ASGE_CACHE=/tmp/timm_asge_cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+stage=${1:?usage: run.sh all | suite [gpu_suite args] | train DATASET [key=value ...]}
+shift
+# A mistyped STAGES stops here, before the set-up's seconds of imports.
+stages=${STAGES:-suite train:fashion_mnist train:cifar10 train:mnist suite:compile recipe:fashion_mnist}
+if [ "$stage" = all ]; then
+  for stage_name in $stages; do
+    run='(train|recipe):[a-z0-9_]+'
+    [[ $stage_name =~ ^(suite|suite:compile|suite:graphs|$run|together:$run(\+$run)*)$ ]] || {
+      echo "unknown stage $stage_name in STAGES: use suite, suite:compile, suite:graphs, train:DATASET," \
+        "recipe:DATASET or together:train:A+recipe:B..." >&2
+      exit 2
+    }
+    if [[ $stage_name == together:* ]] &&
+      [ "$(tr + '\n' <<< "${stage_name#together:}" | sort | uniq -d)" ]; then
+      echo "$stage_name in STAGES names a run twice (they would share a log and an output folder)" >&2
+      exit 2
+    fi
+  done
+fi
 # Set-up once a call: the stages run this script again for every training run and suite, and each import of torch
 # and the rest takes 2-10 s (the children inherit RUN_SH_READY and PYTHONPATH).
 if [ -z "${RUN_SH_READY:-}" ]; then
@@ -33,8 +52,6 @@ print("torch", torch.__version__, "timm", timm.__version__,
 "accelerate", accelerate.__version__, "hub", huggingface_hub.__version__, "pyarrow", pyarrow.__version__,
 "cuda", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
 fi
-stage=${1:?usage: run.sh all | suite [gpu_suite args] | train DATASET [key=value ...]}
-shift
 case $stage in
   all)
     # The device time of a session (15 min, the machine's start included; one command at most 10 min; warm for only
@@ -60,24 +77,10 @@ case $stage in
     # train:digits and recipe:digits need no carried data (scikit-learn's copy): a CPU check of the stages.
     budget=${BUDGET_S:-540}
     deadline=$((SECONDS + budget))
-    stages=${STAGES:-suite train:fashion_mnist train:cifar10 train:mnist suite:compile recipe:fashion_mnist}
     fast_args=${FAST_ARGS-train.batch_size=512 train.lr=8e-4}
     train_args=${TRAIN_ARGS:-}
     retry_args=${RETRY_ARGS-train.compile=false}
     last_train_s=0
-    for stage_name in $stages; do
-      run='(train|recipe):[a-z0-9_]+'
-      [[ $stage_name =~ ^(suite|suite:compile|suite:graphs|$run|together:$run(\+$run)*)$ ]] || {
-        echo "unknown stage $stage_name in STAGES: use suite, suite:compile, suite:graphs, train:DATASET," \
-          "recipe:DATASET or together:train:A+recipe:B..." >&2
-        exit 2
-      }
-      if [[ $stage_name == together:* ]] &&
-        [ "$(tr + '\n' <<< "${stage_name#together:}" | sort | uniq -d)" ]; then
-        echo "$stage_name in STAGES names a run twice (they would share a log and an output folder)" >&2
-        exit 2
-      fi
-    done
     summary="$OUT/all-stages.txt"
     : > "$summary"
     run_stage() {  # run_stage NAME COMMAND...: run within what is left of the budget; sets rc and took
