@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -21,3 +22,10 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f'offline dataset {path} is absent (needs ../shared/data)')
     return path
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a 2-process `accelerate launch` (its rendezvous)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ Run as a script by the test (fresh processes: forking a pytest process whose tor
 deadlocks the children, so accelerate's fork-based debug_launcher is not used).
 """
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -15,6 +14,7 @@ import timm
 from accelerate import Accelerator
 
 import timm_asge  # noqa: F401
+from conftest import free_port
 from timm_asge import LocalLearner, param_groups
 from timm_asge.data import ImageData, epoch_batches, to_model_input
 from timm_asge.engine import all_reduce_gradients
@@ -60,11 +60,6 @@ def _train_two_epochs(mode: str):
     return accelerator
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_cover_the_epoch_once_and_stay_identical():
     """Both modes, one after the other in the same two processes (a launch costs more than the training)."""
@@ -75,7 +70,7 @@ def test_two_gloo_ranks_cover_the_epoch_once_and_stay_identical():
     failures = []
     for _ in range(2):
         cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-               '--main_process_port', str(_free_port()), __file__]
+               '--main_process_port', str(free_port()), __file__]
         proc = subprocess.run(cmd, text=True, capture_output=True, timeout=300,
                               env={**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'})
         if proc.returncode == 0:

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 
 import train as recipe
 from accuracy_report import summarise
-from conftest import ROOT, shared_dataset
+from conftest import ROOT, free_port, shared_dataset
 from timm_asge.data import load_tensors, to_model_input
 from timm_asge.engine import param_groups
 
@@ -367,11 +366,6 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert full_results['test_accuracy'] == resumed_results['test_accuracy']
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 def test_two_cpu_processes_train_in_sync(tmp_path):
     """`accelerate launch` with 2 gloo processes: the ranks end with identical weights.
@@ -381,7 +375,7 @@ def test_two_cpu_processes_train_in_sync(tmp_path):
     recipe's calls, checking that every sample is seen once.
     """
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-           '--main_process_port', str(_free_port()), str(ROOT / 'recipes' / 'train.py'), '--config', DIGITS,
+           '--main_process_port', str(free_port()), str(ROOT / 'recipes' / 'train.py'), '--config', DIGITS,
            f'output_dir={tmp_path}', 'train.epochs=1', 'train.mode=lean']
     proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=600,
                           env={**os.environ, 'ACCELERATE_USE_CPU': '1', 'OMP_NUM_THREADS': '1'})
