@@ -98,6 +98,15 @@ def test_flops_match_torch_flop_counter(prediction):
     assert cost['flops'] - goodness == counter.get_total_flops()
 
 
+def test_fusion_flops_count_the_read_out_a_wider_pooling_feeds():
+    """catavgmax concatenates two poolings: the read-out multiplies twice as many features."""
+    model = _tiny(global_pool='catavgmax').eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.rand(1, *TINY_INPUT))
+    assert strategy_costs(model, TINY_INPUT)['fusion']['flops'] == counter.get_total_flops()
+
+
 def test_params_match_the_model():
     model = _tiny()
     costs = strategy_costs(model, TINY_INPUT)

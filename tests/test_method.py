@@ -261,6 +261,45 @@ def test_best_is_stored_in_config_and_checkpoint():
     torch.testing.assert_close(restored.eval()(x), model.eval()(x))
 
 
+@pytest.mark.parametrize('size', [16, 19, 22])
+def test_fusion_features_average_to_each_blocks_own_average(size):
+    """Pooled fusion features are each block's global average, also where down-sampling rounds an odd side down."""
+    model = _tiny().eval()
+    x = torch.rand(2, 1, size, size)
+    pooled = model.forward_features(x).mean(dim=(2, 3))
+    h, averages = model.stem(x), []
+    for i, block in enumerate(model.stages):
+        h = block(h)
+        if i >= model.fusion_start:
+            averages.append(h.mean(dim=(2, 3)))
+    torch.testing.assert_close(pooled, torch.cat(averages, dim=1))
+    torch.testing.assert_close(model(x), model.head.fc(torch.cat(averages, dim=1)))
+
+
+def test_requested_strategy_wins_over_the_loaded_weights(tmp_path):
+    """create_model's prediction/best_block apply after the weights load; 'best' alone reads the stored block."""
+    chosen, unchosen = _tiny(), _tiny()
+    chosen.set_prediction('fusion', best_block=1)
+    save_file(chosen.state_dict(), str(tmp_path / 'chosen.safetensors'))
+    save_file(unchosen.state_dict(), str(tmp_path / 'unchosen.safetensors'))
+
+    def load(name, **kwargs):
+        overlay = dict(file=str(tmp_path / f'{name}.safetensors'))
+        return timm.create_model('asge_cnn_tiny', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+    assert load('chosen', prediction='best').read_block == 1
+    assert load('chosen', prediction='best', best_block=2).read_block == 2
+    assert load('unchosen', prediction='best', best_block=2).read_block == 2
+    assert load('chosen').prediction == 'fusion' and load('chosen').best_index == 1
+    with pytest.raises(ValueError, match="'best' needs a chosen block"):
+        load('unchosen', prediction='best')
+    # Loading weights without a choice into a model set to `best` says so instead of switching strategy silently.
+    model = _tiny(best_block=3, prediction='best')
+    with pytest.raises(ValueError, match="no chosen block for prediction 'best'.*choose_best_block"):
+        model.load_state_dict(unchosen.state_dict())
+    assert model.prediction == 'fusion' and model.best_index is None
+
+
 def test_inference_path_is_differentiable():
     """`model(x)` is plain autograd: every parameter of the default strategy gets a gradient."""
     for prediction in ('fusion', 'last'):

@@ -94,6 +94,16 @@ def test_model_forward_intermediates(name):
     assert model(x).shape[1] == model.widths[1]
 
 
+
+def test_pruned_network_reads_the_images_its_blocks_can():
+    """Two blocks of asge_cnn need 4x4 images, not the whole network's 16x16 (timm's getter features prune)."""
+    assert timm.create_model('asge_cnn').min_input_size == 16
+    model = timm.create_model('asge_cnn', features_only=True, feature_cls='getter', out_indices=(0, 1)).eval()
+    with torch.no_grad():
+        features = model(torch.rand(1, 3, 4, 4))
+    assert [f.shape[1:] for f in features] == [(128, 4, 4), (256, 2, 2)]
+
+
 @pytest.mark.parametrize('name', MODELS)
 def test_model_api(name):
     model = timm.create_model(name)

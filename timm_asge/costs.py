@@ -121,7 +121,8 @@ def strategy_costs(model: AsgeCnn, input_size: Tuple[int, int, int]) -> Dict[str
 
     def fusion() -> Dict[str, int]:
         final_hw = shapes[-1]['out_hw']
-        flops = sum(2 * s['conv_macs'] for s in shapes) + 2 * model.fusion_features * num_classes
+        read_out_inputs = getattr(model.head.fc, 'in_features', 0)  # pools such as catavgmax widen the read-out
+        flops = sum(2 * s['conv_macs'] for s in shapes) + 2 * read_out_inputs * num_classes
         peak, kept = stem_elements, 0
         for i, s in enumerate(shapes):
             peak = max(peak, s['in'] + s['y'] + kept, s['y'] + s['out'] + kept)

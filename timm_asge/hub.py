@@ -447,8 +447,9 @@ def _registry_notes(name: str, repo_id: str, prediction: Optional[str]) -> Tuple
     if prediction and default and prediction != default:
         notes.append(
             f"Loaded by its registry name, the model uses the architecture's default prediction strategy "
-            f"`{default}`; call `model.set_prediction('{prediction}')` for the published one (the chosen block "
-            f"is stored in the weights), or load it with `hf-hub:`.")
+            f"`{default}`; pass `prediction='{prediction}'` to `timm.create_model` (or call "
+            f"`model.set_prediction('{prediction}')`) for the published one (the chosen block is stored in the "
+            f"weights), or load it with `hf-hub:`.")
     return True, notes
 
 

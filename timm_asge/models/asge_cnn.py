@@ -380,12 +380,20 @@ class AsgeCnn(nn.Module):
         return height, width
 
     def fusion_input(self, output: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        """A block output pooled to the final resolution ``size``, ready to concatenate into the fusion features.
+        """A block output brought to the final resolution ``size``, ready to concatenate into the fusion features.
 
-        All resolutions divide (down-sampling halves), so global average pooling of the concatenation equals each
-        block's own global average: the fusion read-out is a sum of per-block linear heads on pooled outputs.
+        Global average pooling of the concatenation must equal each block's own global average (the fusion read-out
+        is a sum of per-block linear heads on pooled outputs). Where the block's side is a multiple of the final side
+        (every even input size), average pooling to ``size`` keeps that exactly. Where down-sampling rounded an odd
+        side down, adaptive pooling's windows would overlap and weight some pixels twice, so the block's global
+        average is broadcast over ``size`` instead.
         """
-        return output if tuple(output.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(output, size)
+        height, width = output.shape[-2:]
+        if (height, width) == tuple(size):
+            return output
+        if height % size[0] or width % size[1]:
+            return output.mean(dim=(2, 3), keepdim=True).expand(-1, -1, *size)
+        return F.adaptive_avg_pool2d(output, size)
 
     def _block_features(self, block: AsgeBlock, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -502,6 +510,8 @@ class AsgeCnn(nn.Module):
         self.widths = self.widths[:max_index + 1]
         self.downsample = self.downsample[:max_index + 1]
         self.feature_info = self.feature_info[:max_index + 1]
+        self.grids = self.grids[:max_index + 1]
+        self.min_input_size = self._min_input_size()  # fewer blocks may read smaller images
         self.fusion_start = min(self.fusion_start, max_index)
         self.fusion_features = sum(self.widths[self.fusion_start:])
         if self.best_index is not None and self.best_index > max_index:
@@ -523,12 +533,19 @@ def _sync_best_block(module: AsgeCnn, incompatible_keys) -> None:
     module.best_index = index if index >= 0 else None
     if module.prediction == 'best' and module.best_index is None:
         module.set_prediction('fusion')
+        raise ValueError(
+            "the loaded weights carry no chosen block for prediction 'best' (their best_block buffer is -1), so the "
+            "model now predicts with 'fusion'; choose a block with timm_asge.engine.choose_best_block(model, "
+            "val_loader), or call model.set_prediction('best', best_block=<index>)")
     module._update_feature_sizes()
 
 
 def _create_asge(variant: str, pretrained: bool = False, **kwargs) -> AsgeCnn:
     num_blocks = len(kwargs.get('widths', ()))
-    return build_model_with_cfg(
+    # The strategy is applied after the weights load: the caller's (or config.json's) block wins over the one stored
+    # in the weights, and `prediction='best'` alone reads the stored choice.
+    prediction, best_block = kwargs.pop('prediction', 'fusion'), kwargs.pop('best_block', None)
+    model = build_model_with_cfg(
         AsgeCnn,
         variant,
         pretrained,
@@ -536,6 +553,9 @@ def _create_asge(variant: str, pretrained: bool = False, **kwargs) -> AsgeCnn:
         feature_cfg=dict(out_indices=tuple(range(num_blocks)), flatten_sequential=True),
         **kwargs,
     )
+    if isinstance(model, AsgeCnn):  # features_only wrappers read intermediates, not a prediction
+        model.set_prediction(prediction, best_block)
+    return model
 
 
 def _classifier_names(num_blocks: int) -> Tuple[str, ...]:
