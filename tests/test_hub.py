@@ -256,6 +256,26 @@ def test_push_refuses_bad_folders(exported, tmp_path, fake_api):
     assert fake_api.instances == []
 
 
+def test_push_to_a_pull_request_does_not_mark_published(exported, tmp_path, fake_api, capsys):
+    """A registry name loads from main: an upload to a PR or another branch leaves the metadata unpublished."""
+    _, _, out = exported
+    metadata = _metadata(tmp_path)
+    for extra in (['--create-pr'], ['--revision', 'draft']):
+        assert hub.main(['push', str(out), '--repo-id', REPO_ID, '--metadata', str(metadata)] + extra) == 0
+        assert 'not marked published' in capsys.readouterr().out
+        assert not hub.load_metadata(metadata).get('published')
+    assert hub.main(['push', str(out), '--repo-id', REPO_ID, '--metadata', str(metadata)]) == 0
+    assert hub.load_metadata(metadata)['published'] is True
+
+
+def test_push_refuses_a_card_that_does_not_parse(exported):
+    _, _, out = exported
+    readme = out / 'README.md'
+    readme.write_text(readme.read_text().replace('---\n', '---\nlicense: [unclosed\n', 1))
+    with pytest.raises(hub.HubError, match='not a valid model card.*timm_asge.hub export'):
+        hub.push(out, REPO_ID, dry_run=True)
+
+
 def test_python_m_push_dry_run(exported):
     _, _, out = exported
     proc = subprocess.run(
@@ -358,6 +378,20 @@ def test_first_conv_adaptation_on_older_timm(exported, monkeypatch, in_chans):
     torch.testing.assert_close(loaded, grey.expand(-1, in_chans, -1, -1) / in_chans)
 
 
+def test_own_first_conv_of_other_channel_counts_on_older_timm(tmp_path, monkeypatch):
+    """Older timm would re-initialise a 4-channel model's own first conv at random: refused, saying why."""
+    from timm_asge import checkpoint
+
+    model = _model(in_chans=4)
+    hub.save_pretrained(model, tmp_path / 'rgba')
+    state_dict = load_file(tmp_path / 'rgba' / 'model.safetensors')
+    monkeypatch.setattr(checkpoint, '_TIMM_ADAPTS_ANY_CHANNELS', False)
+    with pytest.raises(CheckpointError, match=r'4-channel first convolution.*random weights.*Upgrade timm'):
+        checkpoint_filter_fn(dict(state_dict), timm.create_model(f'local-dir:{tmp_path / "rgba"}'))
+    monkeypatch.setattr(checkpoint, '_TIMM_ADAPTS_ANY_CHANNELS', True)
+    assert checkpoint_filter_fn(dict(state_dict), model) is not None
+
+
 # --- safety --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -430,6 +464,41 @@ def test_broken_config_json(exported):
         hub.create_model_checked(f'local-dir:{out}')
 
 
+def test_config_json_without_pretrained_cfg(exported):
+    _, _, out = exported
+    config = json.loads((out / 'config.json').read_text())
+    del config['pretrained_cfg']
+    (out / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match='no "pretrained_cfg" entry'):
+        hub.create_model_checked(f'local-dir:{out}')
+
+
+def test_missing_hub_files_and_names(exported, tmp_path, offline, monkeypatch):
+    """Offline, a repo or file missing from the cache is a CheckpointError naming it; so is an unknown tag."""
+    _, _, out = exported
+    cache = tmp_path / 'hf_cache'
+    config_only = tmp_path / 'config_only'
+    config_only.mkdir()
+    shutil.copyfile(out / 'config.json', config_only / 'config.json')
+    _prime_cache(cache, REPO_ID, config_only)
+    with pytest.raises(CheckpointError, match=r'model.safetensors of timm-asge/asge_cnn_tiny.digits is not in the '
+                                              r'local Hugging Face cache'):
+        hub.create_model_checked(f'hf-hub:{REPO_ID}', cache_dir=cache)
+    with pytest.raises(CheckpointError, match='config.json of timm-asge/elsewhere is not in the local'):
+        hub.create_model_checked('hf-hub:timm-asge/elsewhere', cache_dir=cache)
+    with pytest.raises(CheckpointError, match="'asge_cnn_tiny.digitz' has no published weights"):
+        hub.create_model_checked('asge_cnn_tiny.digitz', cache_dir=cache)
+
+
+def test_checked_local_dir_expands_home_and_refuses_features_only(exported, monkeypatch, x):
+    model, _, out = exported
+    monkeypatch.setenv('HOME', str(out.parent))
+    with torch.no_grad():
+        assert torch.equal(hub.create_model_checked(f'local-dir:~/{out.name}').eval()(x), model(x))
+    with pytest.raises(ValueError, match='features_only=True'):
+        hub.create_model_checked(f'local-dir:{out}', features_only=True)
+
+
 def _edit_widths(out: Path) -> None:
     config = json.loads((out / 'config.json').read_text())
     config['model_args']['widths'] = [16, 64, 64, 128]
@@ -491,6 +560,42 @@ def test_export_refuses_registry_conflicts(tmp_path):
         hub.export(run, tmp_path / 'out3', name='asge_cnn.digits')
 
 
+def test_export_never_deletes_other_files(exported, tmp_path, capsys):
+    """The output folder is replaced whole: a folder holding anything but an earlier export is refused, untouched."""
+    _, run, out = exported
+    hub.export(run, out)  # an earlier export is replaced
+    shared = tmp_path / 'hub'  # holds the export above: a parent folder given by mistake
+    (shared / 'NOTES.md').write_text('mine')
+    assert hub.main(['export', str(run), str(shared)]) == 2
+    assert 'already holds NOTES.md, asge_cnn_tiny.digits, which writing this folder would delete' in \
+        capsys.readouterr().err
+    assert (shared / 'NOTES.md').read_text() == 'mine' and (out / 'model.safetensors').is_file()
+    with pytest.raises(hub.HubError, match='already holds README.md'):  # save_pretrained writes no card
+        hub.save_pretrained(_model(), out)
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(hub.HubError, match='is a file, not a folder'):
+        hub.export(run, tmp_path / 'file')
+
+
+def test_writes_keep_permissions(exported, tmp_path):
+    """Atomic writes go through a temporary file: it must not narrow the permissions of what it replaces."""
+    import os
+
+    _, run, out = exported
+    umask = os.umask(0o022)
+    try:
+        readme = tmp_path / 'README.md'
+        readme.write_text('<!-- section: pretrained (owner: hub) -->\nold\n')
+        readme.chmod(0o664)
+        assert hub.update_readme(readme)
+        assert readme.stat().st_mode & 0o777 == 0o664
+        fresh = hub.export(run, tmp_path / 'fresh')
+        assert fresh.stat().st_mode & 0o777 == 0o755
+        assert (fresh / 'config.json').stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
 def test_results_json_is_checked(tmp_path):
     run = _make_run(tmp_path, _model())
     results = json.loads((run / 'results.json').read_text())
@@ -521,6 +626,22 @@ def test_hub_cards_metadata():
         if meta['results']:  # recorded from a real run: must be a complete results record
             hub._check_results(meta['results'], str(path))
             assert meta['results']['model'] == meta['name'].split('.')[0]
+
+
+@pytest.mark.parametrize('edit,message', [
+    (dict(published=True, repo_id=None), 'published: true needs the repo_id'),
+    (dict(paper={'accuracy': '99.1'}), 'paper.accuracy must be a number'),
+    (dict(dataset='mnist'), 'dataset must be a mapping'),
+])
+def test_bad_card_metadata_is_a_clear_error(tmp_path, capsys, edit, message):
+    path = _metadata(tmp_path)
+    meta = yaml.safe_load(path.read_text())
+    meta.update(edit)
+    path.write_text(yaml.safe_dump(meta))
+    with pytest.raises(hub.HubError, match=message):
+        hub.load_metadata(path)
+    assert hub.main(['table', '--cards', str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_pretrained_table_and_readme_update(tmp_path):

@@ -63,6 +63,10 @@ def read_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         raise CheckpointError(
             f'{path} has no "architecture" entry, so it is not a timm model config; export the model with '
             f'timm_asge.hub.save_pretrained or `python -m timm_asge.hub export`')
+    if 'pretrained_cfg' not in config:
+        raise CheckpointError(
+            f'{path} has no "pretrained_cfg" entry, so timm cannot build the model from it; export the model with '
+            f'timm_asge.hub.save_pretrained or `python -m timm_asge.hub export`')
     for key in ('pretrained_cfg', 'model_args'):
         if not isinstance(config.get(key, {}), dict):
             raise CheckpointError(f'{path}: "{key}" must be a JSON object, got {type(config[key]).__name__}')
@@ -201,6 +205,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
         got = state_dict[key]
         if not isinstance(got, torch.Tensor):
             mismatched.append(f'{key} is a {type(got).__name__}, not a tensor')
+        elif key in first_conv_keys and got.shape == want.shape and want.shape[1] not in (1, 3) \
+                and not _TIMM_ADAPTS_ANY_CHANNELS:
+            # Older timm "converts" any first conv of a model with other than 1 or 3 input channels, fails on one
+            # that already fits, and re-initialises it at random with only a logged warning.
+            raise CheckpointError(
+                f'timm {timm.__version__} cannot load the {want.shape[1]}-channel first convolution {key} as it is: it '
+                f'would replace it with random weights. Upgrade timm (pip install -U "timm>=1.0.31"), or load the '
+                f'model with in_chans=1 or 3 (timm then adapts the weights)')
         elif got.shape == want.shape or dropped:
             continue
         elif key in first_conv_keys and got.ndim == want.ndim == 4 and got.shape[0] == want.shape[0] \

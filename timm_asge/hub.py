@@ -16,6 +16,7 @@ Command line::
     python -m timm_asge.hub table --write README.md
 """
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -25,12 +26,13 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import (
+    EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id
 
 import timm
@@ -103,10 +105,20 @@ def save_pretrained(
     if not all(t.is_contiguous() for t in model.state_dict().values()):
         # Trained in channels_last: safetensors stores row-major tensors only, so save a row-major copy.
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    with atomic_dir(directory) as tmp:
+    with _new_folder(directory, (CONFIG_NAME, WEIGHTS_NAME)) as tmp:
         save_for_hf(
             model, tmp, model_config=model_config, model_args=model.architecture_args(), safe_serialization=True)
     return Path(directory)
+
+
+@contextlib.contextmanager
+def _new_folder(directory: Union[str, Path], replaceable: Sequence[str]) -> Iterator[Path]:
+    """``atomic_dir``, refusing (as a HubError) to replace a folder that holds anything but an earlier export."""
+    try:
+        with atomic_dir(directory, replaceable) as tmp:
+            yield tmp
+    except FileExistsError as e:
+        raise HubError(str(e)) from None
 
 
 # --- checked loading -------------------------------------------------------------------------------------------------
@@ -117,7 +129,25 @@ def _hf_split(name: str) -> Tuple[str, Optional[str]]:
 
 
 def _fetch(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[Union[str, Path]]) -> Path:
-    return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, library_name='timm'))
+    """Download (or find in the cache) one file of a Hub repo; a missing file or repo is a CheckpointError."""
+    where = repo_id + (f'@{revision}' if revision else '')
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, library_name='timm'))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f'{filename} of {where} is not in the local Hugging Face cache and the Hub cannot be reached (offline, '
+            f'or HF_HUB_OFFLINE=1); connect once to download it, or load a folder with "local-dir:<path>"') from None
+    except EntryNotFoundError:
+        raise CheckpointError(
+            f'the Hub repo {where} has no {filename}, so it is not a timm model in timm-asge\'s format; export it '
+            f'with `python -m timm_asge.hub export` and push all of {", ".join(REPO_FILES)}') from None
+    except RevisionNotFoundError:
+        raise CheckpointError(
+            f'the Hub repo {repo_id} has no revision {revision!r}; check the name after "@"') from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f'no Hub repo {repo_id} (or it is private or gated): check the name, or log in with `hf auth login` / '
+            f'HF_TOKEN') from None
 
 
 def create_model_checked(
@@ -137,9 +167,15 @@ def create_model_checked(
             not match) and what to do.
     """
     kwargs.pop('pretrained', None)
+    if kwargs.get('features_only'):
+        raise ValueError(
+            'create_model_checked loads a whole model; for feature maps load it with '
+            'timm.create_model(model_name, pretrained=True, features_only=True), or call '
+            'model.forward_intermediates(x) on the model this function returns')
     if model_name.startswith('local-dir:'):
         folder = Path(model_name[len('local-dir:'):]).expanduser()
         check_folder(folder)
+        model_name = f'local-dir:{folder}'  # timm itself does not expand ~
         weights = folder / WEIGHTS_NAME
     elif model_name.startswith('hf-hub:'):
         repo_id, revision = _hf_split(model_name[len('hf-hub:'):])
@@ -149,7 +185,10 @@ def create_model_checked(
     else:
         arch = model_name.split('.', 1)[0]
         check_architecture(arch, source=f'the model name {model_name!r}')
-        cfg = timm.models.get_pretrained_cfg(model_name)
+        try:
+            cfg = timm.models.get_pretrained_cfg(model_name)
+        except RuntimeError:  # an unknown tag
+            cfg = None
         if cfg is None or not cfg.hf_hub_id:
             raise CheckpointError(
                 f'{model_name!r} has no published weights; list the ones that do with '
@@ -185,6 +224,14 @@ def load_metadata(path: Union[str, Path]) -> Dict[str, Any]:
         raise HubError(f'{path} is not valid YAML: {e}') from e
     if not isinstance(metadata, dict) or not isinstance(metadata.get('name'), str) or '.' not in metadata['name']:
         raise HubError(f'{path} must be a YAML mapping with name: <architecture>.<tag> (e.g. asge_cnn.mnist)')
+    for key in ('dataset', 'paper', 'results'):
+        if not isinstance(metadata.get(key) or {}, dict):
+            raise HubError(f'{path}: {key} must be a mapping, got {metadata[key]!r}')
+    accuracy = (metadata.get('paper') or {}).get('accuracy')
+    if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))):
+        raise HubError(f'{path}: paper.accuracy must be a number (percent), got {accuracy!r}')
+    if metadata.get('published') and not isinstance(metadata.get('repo_id'), str):
+        raise HubError(f'{path}: published: true needs the repo_id it was published to (repo_id: <org>/<name>)')
     return metadata
 
 
@@ -547,7 +594,7 @@ def export(
         config['pretrained_cfg']['label_names'] = list(label_names)
     card = build_card(results, meta, repo_id=repo_id, template_dir=template_dir)
 
-    with atomic_dir(out_dir) as tmp:
+    with _new_folder(out_dir, REPO_FILES) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
         shutil.copyfile(src / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
         (tmp / README_NAME).write_text(card, encoding='utf-8')
@@ -586,7 +633,12 @@ def check_repo_folder(folder: Union[str, Path], repo_id: Optional[str] = None) -
     readme = folder / README_NAME
     if not readme.is_file():
         raise HubError(f'{folder} has no {README_NAME}; create the folder with `python -m timm_asge.hub export`')
-    card = ModelCard.load(readme)
+    try:
+        card = ModelCard.load(readme)
+    except (yaml.YAMLError, ValueError) as e:
+        reason = ' '.join(str(e).split())
+        raise HubError(f'{readme} is not a valid model card ({reason}); regenerate it with '
+                       f'`python -m timm_asge.hub export`') from None
     if not card.data.eval_results:
         raise HubError(f'{readme} has no model-index results; regenerate it with `python -m timm_asge.hub export`')
     if repo_id is not None and f'hf-hub:{repo_id}' not in card.text:
@@ -758,7 +810,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 print(f'uploaded {", ".join(result.files)} to https://huggingface.co/{result.repo_id}'
                       + (f' ({result.commit_url})' if result.commit_url else ''))
-                if args.metadata:
+                if args.metadata and (args.create_pr or args.revision not in (None, 'main')):
+                    print(f'{args.metadata}: not marked published: the upload went to '
+                          f'{"a pull request" if args.create_pr else "branch " + args.revision}, and timm loads a '
+                          f'registry name from main; mark it once that is merged')
+                elif args.metadata:
                     _mark_published(args.metadata, result.repo_id)
         elif args.command == 'card':
             meta = load_metadata(args.metadata)
