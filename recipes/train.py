@@ -37,11 +37,12 @@ from tqdm.auto import tqdm
 import timm_asge  # noqa: F401  (registers the asge_* models)
 from timm_asge.costs import strategy_costs
 from timm_asge.data import augment_batch, check_color_jitter, epoch_batches, find_columns, image_loader
-from timm_asge.data import load_dataset_split
+from timm_asge.data import label_names, load_dataset_split
 from timm_asge.data import load_tensors, num_batches, split_train_val, to_model_input
 from timm_asge.engine import LocalLearner, all_reduce_gradients, evaluate, param_groups, pick_best_block
 from timm_asge.fileio import atomic_path
 from timm_asge.hub import save_pretrained
+from timm_asge.models.asge_cnn import PREDICTIONS
 
 DEFAULTS: Dict[str, Any] = {
     'name': 'run',
@@ -104,6 +105,15 @@ DEFAULTS: Dict[str, Any] = {
     },
 }
 
+# Whole-number settings: (key, smallest allowed value, whether null is allowed). Checked before anything loads, so a
+# typo stops the run at once instead of after minutes of decoding or training.
+WHOLE_NUMBERS = (
+    ('train.epochs', 1, False), ('train.max_steps', 1, True), ('train.stop_after_epochs', 1, True),
+    ('train.batch_size', 1, False), ('train.eval_batch_size', 1, False), ('train.log_every', 1, False),
+    ('train.checkpoint_every', 0, False), ('train.checkpoint_epochs', 1, False), ('train.keep_checkpoints', 1, False),
+    ('train.profile_steps', 0, False), ('data.img_size', 1, False), ('data.channels', 1, False),
+    ('data.crop_padding', 0, False), ('data.num_workers', 0, False),
+)
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')  # the modes that wrap compiled graphs in CUDA graphs
 # Drawing block_accuracy.png takes 0.2-0.6 s on a CPU, as long as a whole epoch of the digits job or of FashionMNIST
@@ -288,7 +298,7 @@ class RecipeData:
                     self.test = load_dataset_split(source, data_cfg['test_split'])
                     self.train, self.val = split_train_val(train, data_cfg['val_size'], seed)
                     label_column = find_columns(train.features, **columns)[1]
-                    self.label_names = list(train.features[label_column].names)
+                    self.label_names = label_names(train, label_column)
         except ValueError as err:
             raise SystemExit(f'error: {err}') from err
         self.sizes = {'train': len(self.train), 'validation': len(self.val), 'test': len(self.test)}
@@ -537,6 +547,41 @@ def plot_history(history: List[Dict[str, Any]], path: Path, num_blocks: int) -> 
     plt.close(fig)
 
 
+def check_whole_numbers(config: Dict[str, Any]) -> None:
+    """Stop with a message naming the first setting of ``WHOLE_NUMBERS`` that is not a whole number in range."""
+    for key, least, nullable in WHOLE_NUMBERS:
+        section, name = key.split('.')
+        value = config[section][name]
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SystemExit(f'error: {key}={value!r} must be a whole number, at least {least}'
+                             + (' (or null)' if nullable else ''))
+
+
+def find_resume_checkpoint(resume: str, out: Path) -> Path:
+    """The checkpoint ``--resume`` names: the latest in ``out``, or one of ``out/checkpoints/step_*``.
+
+    A checkpoint of another output folder is refused: the run it continues keeps its best-validation model, history
+    and results in its own folder.
+    """
+    if resume == 'latest':
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise SystemExit(f'error: --resume found no checkpoint in {out / "checkpoints"}; train without --resume')
+        return ckpt
+    path = Path(resume)
+    if not (path / 'model.safetensors').is_file():
+        raise SystemExit(
+            f'error: --resume {path} is not a checkpoint (a folder holding model.safetensors, such as '
+            f'{out / "checkpoints" / "step_00000100"}); pass --resume alone for the latest one in output_dir')
+    if path.resolve().parent != (out / 'checkpoints').resolve():
+        raise SystemExit(
+            f'error: --resume {path} is not a checkpoint of output_dir {out}; a run continues in its own folder '
+            f'(best model, history, results): pass output_dir={path.resolve().parent.parent}')
+    return path
+
+
 def write_json(path: Path, payload: Dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + '\n')
@@ -550,6 +595,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument('overrides', nargs='*', help='config overrides, e.g. train.epochs=5 data.path=/data/mnist')
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.resume not in (None, 'latest') and '=' in args.resume and not Path(args.resume).exists():
+        # `--resume train.epochs=3`: argparse gave the optional value an override that came after the flag.
+        args.overrides.append(args.resume)
+        args.resume = 'latest'
     args.argv = argv
     args.commit = git_commit()  # now, not at the end: the checkout may move on during a long run
     config = load_config(args.config, args.overrides)
@@ -569,6 +618,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if not isinstance(train_cfg['sched_on_updates'], bool):
         raise SystemExit(f"error: train.sched_on_updates={train_cfg['sched_on_updates']!r}; use true (cosine after "
                          f"every step) or false (after every epoch, as the authors' code)")
+    check_whole_numbers(config)
+    if config['model']['prediction'] not in PREDICTIONS:
+        raise SystemExit(f"error: model.prediction={config['model']['prediction']!r}; choose one of "
+                         f"{', '.join(PREDICTIONS)}")
+    grayscale_p = config['data']['grayscale_p']
+    if isinstance(grayscale_p, bool) or not isinstance(grayscale_p, (int, float)) or not 0 <= grayscale_p <= 1:
+        raise SystemExit(f'error: data.grayscale_p={grayscale_p!r} must be a probability between 0 and 1')
     if train_cfg['mode'] not in ('fused', 'lean'):
         raise SystemExit(f"error: train.mode={train_cfg['mode']!r}; choose 'fused' or 'lean'")
     dynamo_plugin = None  # accelerate's own default: none, or `accelerate launch --dynamo_backend ...`
@@ -578,16 +634,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                              f"mode: {', '.join(COMPILE_MODES)}")
         mode = None if train_cfg['compile'] is True else train_cfg['compile']
         dynamo_plugin = TorchDynamoPlugin(backend='inductor', mode=mode)
-    profile_steps = train_cfg['profile_steps']
-    if isinstance(profile_steps, bool) or not isinstance(profile_steps, int) or profile_steps < 0:
-        raise SystemExit(f'error: train.profile_steps={profile_steps!r} must be a whole number of steps '
-                         f'(0: no profile)')
-    if int(train_cfg['checkpoint_epochs']) < 1:
-        raise SystemExit(f"error: train.checkpoint_epochs={train_cfg['checkpoint_epochs']} must be at least 1")
-    stop_after = train_cfg['stop_after_epochs']
-    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
-        raise SystemExit(f'error: train.stop_after_epochs={stop_after!r} must be a whole number of epochs, at least 1 '
-                         f'(or null to train all train.epochs)')
+    profile_steps, stop_after = train_cfg['profile_steps'], train_cfg['stop_after_epochs']
+    resume_from = find_resume_checkpoint(args.resume, out) if args.resume else None
+    if resume_from is None and latest_checkpoint(out) is not None:
+        # A fresh run would number its checkpoints from step 0 among the earlier run's and prune or resume the wrong
+        # ones; and its results would replace the earlier run's.
+        raise SystemExit(
+            f'error: {out} holds checkpoints of an earlier run ({latest_checkpoint(out).name}); continue it with '
+            f'--resume, or train into a new output_dir=<folder> (or delete {out} first)')
 
     accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=train_cfg['mixed_precision'],
                               log_with=[JsonlTracker(out / 'log.jsonl')] + (['tensorboard'] if _has_tensorboard()
@@ -606,6 +660,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg['lr'], train_cfg['weight_decay']), fused=fused_adamw)
     world = accelerator.num_processes
     steps_per_epoch = data.steps_per_epoch()
+    if steps_per_epoch == 0:  # streamed batches drop the last, incomplete one
+        raise SystemExit(f"error: the training split's {data.sizes['train']} images make no full batch of "
+                         f"train.batch_size={train_cfg['batch_size']} on each of {world} process(es); lower "
+                         f"train.batch_size")
     total_steps = steps_per_epoch * train_cfg['epochs']
     if train_cfg['max_steps']:
         total_steps = min(total_steps, train_cfg['max_steps'])
@@ -622,10 +680,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
 
-    if args.resume:
-        ckpt = latest_checkpoint(out) if args.resume == 'latest' else Path(args.resume)
-        if ckpt is None or not ckpt.is_dir():
-            raise SystemExit(f'error: --resume found no checkpoint in {out / "checkpoints"}; train without --resume')
+    if resume_from is not None:
+        ckpt = resume_from
         try:
             accelerator.load_state(str(ckpt))
         except (ValueError, RuntimeError, KeyError) as err:  # shapes, parameter groups or state keys differ

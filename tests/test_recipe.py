@@ -58,8 +58,17 @@ def test_digits_main_job(tmp_path):
     ('model.args.pool_type=max', "unknown pool_type 'max'"),
     ('train.mixed_precision=fp16', "mixed_precision='fp16' is not supported"),
     ('train.compile=fastest', "train.compile='fastest'; use false, true or a torch.compile mode"),
-    ('train.checkpoint_epochs=0', 'checkpoint_epochs=0 must be at least 1'),
-    ('train.stop_after_epochs=0', 'stop_after_epochs=0 must be a whole number of epochs, at least 1'),
+    ('train.checkpoint_epochs=0', 'checkpoint_epochs=0 must be a whole number, at least 1'),
+    ('train.stop_after_epochs=0', r'stop_after_epochs=0 must be a whole number, at least 1 \(or null\)'),
+    ('train.max_steps=1e3', "train.max_steps='1e3' must be a whole number, at least 1"),
+    ('train.batch_size=0', 'train.batch_size=0 must be a whole number, at least 1'),
+    ('train.log_every=0', 'train.log_every=0 must be a whole number, at least 1'),
+    ('train.keep_checkpoints=0', 'train.keep_checkpoints=0 must be a whole number, at least 1'),
+    ('train.epochs=-1', 'train.epochs=-1 must be a whole number, at least 1'),
+    ('data.crop_padding=-2', 'data.crop_padding=-2 must be a whole number, at least 0'),
+    ('data.img_size=0', 'data.img_size=0 must be a whole number, at least 1'),
+    ('data.grayscale_p=2', 'data.grayscale_p=2.0 must be a probability between 0 and 1'),
+    ('model.prediction=fuse', "model.prediction='fuse'; choose one of fusion, last, best"),
     ('data.color_jitter=[0.4,0.4]', r'color_jitter=\[0.4, 0.4\] must be \[brightness, contrast, saturation, hue\]'),
     ('train.lr=0', 'train.lr=0.0 must be a positive number'),
     ('train.min_lr=1', r'train.min_lr=1.0 must be between 0 and train.lr=0.002'),
@@ -160,6 +169,30 @@ def test_resume_into_another_model_stops_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match=r"(?s)cannot resume from .*step_00000002: it does not fit this run.s model.*"
                                          r"new output_dir"):
         recipe.main(args + ['model.args.fusion_start=2', '--resume'])
+
+
+def test_resume_names_and_fresh_runs_into_a_used_output_dir(tmp_path, capsys):
+    """--resume takes the latest checkpoint, a step folder or a run folder; a fresh run never mixes into old ones."""
+    args = ['--config', DIGITS, f'output_dir={tmp_path / "run"}', 'train.max_steps=2']
+    recipe.main(args)
+    with pytest.raises(SystemExit, match=r'run holds checkpoints of an earlier run \(step_00000002\); continue it '
+                                         r'with --resume, or train into a new output_dir'):
+        recipe.main(args)
+    # `--resume key=value`: the override after the flag is an override, not a checkpoint path.
+    resumed = recipe.main(args + ['--resume', 'train.max_steps=3'])
+    assert resumed['steps'] == 3 and 'resumed from' in capsys.readouterr().out
+    step = tmp_path / 'run' / 'checkpoints' / 'step_00000003'
+    assert recipe.main(args[:-1] + ['train.max_steps=4', '--resume', str(step)])['steps'] == 4
+    other = ['--config', DIGITS, f'output_dir={tmp_path / "other"}', 'train.max_steps=4']
+    with pytest.raises(SystemExit, match=r'step_00000003 is not a checkpoint of output_dir .*other.*pass '
+                                         r'output_dir=.*run$'):
+        recipe.main(other + ['--resume', str(step)])
+    for path in (tmp_path / 'nowhere', tmp_path / 'run'):
+        with pytest.raises(SystemExit, match=r'is not a checkpoint \(a folder holding model.safetensors.*--resume '
+                                             r'alone'):
+            recipe.main(other + ['--resume', str(path)])
+    with pytest.raises(SystemExit, match='--resume found no checkpoint in .*empty.checkpoints; train without'):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path / "empty"}', '--resume'])
 
 
 def test_resume_from_a_checkpoint_of_the_old_schedule_stops_with_a_message(tmp_path):
@@ -305,6 +338,23 @@ def test_dataset_errors(tmp_path):
                      'data.label_column=digit', 'data.test_split=validation'])
     with pytest.raises(SystemExit, match="folder './does/not/exist' does not exist"):
         recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', 'data.path=./does/not/exist'])
+    # A column setting naming the wrong kind of column says which columns would do.
+    with pytest.raises(SystemExit, match=r"data.image_column='digit' holds Value.*not images.*\['picture'\]"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}',
+                     'data.label_column=digit', 'data.image_column=digit'])
+    with pytest.raises(SystemExit, match=r"data.label_column='picture' holds Image.*not integer class labels.*"
+                                         r"\['digit'\]"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}',
+                     'data.label_column=picture'])
+    # Integer labels (no ClassLabel) name their classes '0'..'K-1', held in memory or streamed alike.
+    for in_memory in ('true', 'false'):
+        results = recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/{in_memory}', f'data.path={folder}',
+                               'data.label_column=digit', 'data.val_size=5', f'data.in_memory={in_memory}',
+                               'data.num_workers=0', 'train.batch_size=8', 'train.max_steps=1'])
+        assert results['dataset']['label_names'] == ['0', '1', '2'], in_memory
+    with pytest.raises(SystemExit, match=r"training split's 15 images make no full batch of train.batch_size=64"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}', 'data.label_column=digit',
+                     'data.val_size=5', 'data.in_memory=false', 'data.num_workers=0'])
 
 
 def test_unreachable_hub_id_says_how_to_pass_a_local_path(tmp_path):

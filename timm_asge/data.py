@@ -26,7 +26,7 @@ from .fileio import atomic_path
 __all__ = [
     'ImageData', 'load_dataset_split', 'find_columns', 'decode_images', 'load_tensors', 'split_train_val',
     'epoch_batches', 'augment_batch', 'check_color_jitter', 'to_model_input', 'default_cache_dir', 'image_transform',
-    'image_loader',
+    'image_loader', 'label_names',
 ]
 
 def default_cache_dir() -> Path:
@@ -126,7 +126,39 @@ def find_columns(features, image_column: Optional[str] = None, label_column: Opt
         if name not in features:
             raise ValueError(f'the dataset has no {role} column {name!r} (columns: {columns}); '
                              f'set data.{role}_column to one of them')
+    if not _is_image(features[image_column]):
+        images = [n for n, f in features.items() if _is_image(f)]
+        raise ValueError(f'data.image_column={image_column!r} holds {features[image_column]}, not images; set it to '
+                         f'an image column ({images or "the dataset has none"})')
+    if not _is_label(features[label_column]):
+        labels = [n for n, f in features.items() if _is_label(f)]
+        raise ValueError(f'data.label_column={label_column!r} holds {features[label_column]}, not integer class '
+                         f'labels; set it to a label column ({labels or "the dataset has none"})')
     return image_column, label_column
+
+
+def _is_image(feature) -> bool:
+    import datasets
+
+    # An Image feature, or the {bytes, path} struct a parquet file without Hugging Face metadata holds.
+    return isinstance(feature, datasets.Image) or (isinstance(feature, dict) and {'bytes', 'path'} <= set(feature))
+
+
+def _is_label(feature) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.ClassLabel) or (
+        isinstance(feature, datasets.Value) and feature.dtype.startswith(('int', 'uint')))
+
+
+def label_names(dataset, label_column: str) -> List[str]:
+    """Class names of a ClassLabel column, else ``'0'..'K-1'`` for integer labels up to K - 1."""
+    import datasets
+
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    return [str(i) for i in range(int(max(dataset[label_column])) + 1)]
 
 
 def decode_images(encoded: Sequence[dict], size: int, channels: int) -> torch.Tensor:
@@ -190,11 +222,7 @@ def load_tensors(
 
     ds = load_dataset_split(source, split)
     image_column, label_column = find_columns(ds.features, image_column, label_column)
-    label_feature = ds.features[label_column]
-    if isinstance(label_feature, datasets.ClassLabel):
-        names = list(label_feature.names)
-    else:
-        names = [str(i) for i in range(int(max(ds[label_column])) + 1)]
+    names = label_names(ds, label_column)
     # Decode the raw bytes with PIL ourselves: ~30x faster than the torch formatter for 60k small PNGs.
     raw = ds.cast_column(image_column, datasets.Image(decode=False)).with_format('arrow')
     table = raw[:]

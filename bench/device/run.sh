@@ -195,7 +195,7 @@ case $stage in
     name=${RUN_NAME:-$dataset}  # names the output folder and the files sent back
     data=()
     [ -d "device_data/$dataset" ] && data=(data.path="device_data/$dataset")
-    rm -f "/tmp/runs/$name/profile.txt"  # not an earlier run's, on a machine kept warm between calls
+    rm -rf "/tmp/runs/$name"  # a fresh run: the recipe refuses a folder holding an earlier run's checkpoints
     python3 recipes/train.py --config "recipes/configs/$dataset.yaml" "${data[@]}" output_dir="/tmp/runs/$name" \
       train.mixed_precision=bf16 train.channels_last=true train.compile=true train.checkpoint_epochs=1000 \
       train.test_every_epoch=true train.eval_batch_size=2000 "$@" 2>&1 | tee "$OUT/$name.log"
