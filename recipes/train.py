@@ -622,6 +622,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if config['model']['prediction'] not in PREDICTIONS:
         raise SystemExit(f"error: model.prediction={config['model']['prediction']!r}; choose one of "
                          f"{', '.join(PREDICTIONS)}")
+    if config['data']['channels'] not in (1, 3):
+        raise SystemExit(f"error: data.channels={config['data']['channels']!r} must be 1 (greyscale) or 3 (RGB): the "
+                         f"images are converted to one of those as they load")
     grayscale_p = config['data']['grayscale_p']
     if isinstance(grayscale_p, bool) or not isinstance(grayscale_p, (int, float)) or not 0 <= grayscale_p <= 1:
         raise SystemExit(f'error: data.grayscale_p={grayscale_p!r} must be a probability between 0 and 1')

@@ -67,6 +67,7 @@ def test_digits_main_job(tmp_path):
     ('train.epochs=-1', 'train.epochs=-1 must be a whole number, at least 1'),
     ('data.crop_padding=-2', 'data.crop_padding=-2 must be a whole number, at least 0'),
     ('data.img_size=0', 'data.img_size=0 must be a whole number, at least 1'),
+    ('data.channels=4', r'data.channels=4 must be 1 \(greyscale\) or 3 \(RGB\)'),
     ('data.grayscale_p=2', 'data.grayscale_p=2.0 must be a probability between 0 and 1'),
     ('model.prediction=fuse', "model.prediction='fuse'; choose one of fusion, last, best"),
     ('data.color_jitter=[0.4,0.4]', r'color_jitter=\[0.4, 0.4\] must be \[brightness, contrast, saturation, hue\]'),
