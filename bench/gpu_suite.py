@@ -306,27 +306,68 @@ def main() -> None:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(device_name) if device.type == 'cuda' else None)
 
     batch_sizes = sorted(set(args.batch_sizes) | {args.memory_batch})
-    rows = []
+    tag = re.sub(r'[^A-Za-z0-9._-]+', '-', device_name).strip('-') + ('-toy' if toy else '')
+    out = Path(args.out) if args.out else REPO / 'bench' / 'results' / f'gpu_suite-{tag}.json'
+    rows, errors, profiles, augmentation = [], [], [], []
+
+    def save(complete: bool) -> None:
+        # Written after every row, so a run cut off at the device call's time limit still leaves what it measured.
+        record = dict(
+            environment=dict(env, device=device_name, cuda=torch.version.cuda, toy=toy),
+            settings=dict(
+                model=args.model, input_size=list(args.input_size), amp_bf16=args.amp,
+                channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode,
+                fused_adamw=True, warmup=args.warmup, steps=args.steps, memory_batch=args.memory_batch,
+                peak_flops=peak,
+            ),
+            complete=complete,
+            results=rows,
+            errors=errors,
+            augmentation=augmentation,
+            profiles=[{k: v for k, v in p.items() if k != 'table'} for p in profiles],
+        )
+        write_record(out, record)
+
+    def attempt(what: Dict[str, Any], measurement) -> Optional[Dict[str, Any]]:
+        """Run one measurement; a failure (out of memory, a compile mode a variant cannot run) costs only its row."""
+        try:
+            return measurement()
+        except Exception as e:  # noqa: BLE001 (recorded, and the other rows still run)
+            message = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+            errors.append(dict(what, error=message))
+            print(f'{what}: failed ({message})', file=sys.stderr)
+            return None
+        finally:
+            if device.type == 'cuda':
+                torch.cuda.empty_cache()
+
     for batch_size in batch_sizes:
         for variant in args.variants:
-            try:
-                rows.append(measure(args, variant, batch_size, device, peak))
-            except torch.OutOfMemoryError as e:
-                print(f'{variant} at batch {batch_size}: out of memory ({e})', file=sys.stderr)
-            finally:
-                if device.type == 'cuda':
-                    torch.cuda.empty_cache()
-            if rows and rows[-1]['variant'] == variant and rows[-1]['batch_size'] == batch_size:
-                skipped = rows[-1]['cudagraph_skips']
-                print(f"  {variant:<9} batch {batch_size:>5}: {rows[-1]['images_per_s']:.1f} img/s"
+            row = attempt(dict(variant=variant, batch_size=batch_size),
+                          lambda: measure(args, variant, batch_size, device, peak))
+            if row is not None:
+                rows.append(row)
+                skipped = row['cudagraph_skips']
+                print(f"  {variant:<9} batch {batch_size:>5}: {row['images_per_s']:.1f} img/s"
                       + (f' ({skipped} compiled graph(s) without CUDA graphs: TORCH_LOGS=cudagraphs says why)'
                          if skipped else ''), file=sys.stderr)
+            save(complete=False)
 
-    profiles = [profile(args, variant, device, args.profile_rows) for variant in args.variants] if args.profile else []
+    if args.profile:
+        for variant in args.variants:
+            result = attempt(dict(variant=variant, batch_size=args.memory_batch, profile=True),
+                             lambda: profile(args, variant, device, args.profile_rows))
+            if result is not None:
+                profiles.append(result)
+            save(complete=False)
     # Measured once, in the run without --compile (the step's compile mode does not change it); the compiled jitter
     # costs a compilation, so the CPU smoke test leaves it out.
-    augmentation = [] if args.compile else [measure_augmentation(args, device, compiled)
-                                            for compiled in ((False,) if toy else (False, True))]
+    if not args.compile:
+        for compiled in (False,) if toy else (False, True):
+            result = attempt(dict(augmentation=True, compiled=compiled),
+                             lambda: measure_augmentation(args, device, compiled))
+            if result is not None:
+                augmentation.append(result)
 
     settings = (f"{args.model} {'x'.join(map(str, args.input_size))}, {'bf16 autocast' if args.amp else 'fp32'}, "
                 f"{'channels_last' if args.channels_last else 'NCHW'}, fused AdamW"
@@ -356,21 +397,9 @@ def main() -> None:
             kind = 'compiled' if a['compiled'] else 'eager'
             print(f"  {kind:<8} {a['batch_ms']:8.2f} ms  {a['images_per_s']:12.1f} img/s  {sync}")
 
-    record = dict(
-        environment=dict(env, device=device_name, cuda=torch.version.cuda, toy=toy),
-        settings=dict(
-            model=args.model, input_size=list(args.input_size), amp_bf16=args.amp, channels_last=args.channels_last,
-            compile=args.compile, compile_mode=args.compile_mode, fused_adamw=True, warmup=args.warmup,
-            steps=args.steps, memory_batch=args.memory_batch, peak_flops=peak,
-        ),
-        results=rows,
-        augmentation=augmentation,
-        profiles=[{k: v for k, v in p.items() if k != 'table'} for p in profiles],
-    )
-    tag = re.sub(r'[^A-Za-z0-9._-]+', '-', device_name).strip('-') + ('-toy' if toy else '')
-    out = Path(args.out) if args.out else REPO / 'bench' / 'results' / f'gpu_suite-{tag}.json'
-    write_record(out, record)
-
+    for e in errors:
+        print(f"FAILED: {', '.join(f'{k}={v}' for k, v in e.items() if k != 'error')}: {e['error']}")
+    save(complete=True)
 
 if __name__ == '__main__':
     main()

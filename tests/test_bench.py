@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import accuracy_report
 from accuracy_report import first_epoch_at, summarise
 from conftest import ROOT
+import gpu_suite
 from gpu_suite import LiveTensorBytes
 
 
@@ -32,6 +33,35 @@ def test_live_tensor_bytes_counts_allocations_not_views():
         existing[:10].add_(1)  # a view of memory made before the counter: not counted
     assert counter.peak == 0
     del b, c, d
+
+
+def test_gpu_suite_keeps_the_other_rows_when_one_fails_and_writes_after_every_row(tmp_path, monkeypatch, capsys):
+    """One variant that fails (a compile mode it cannot run, say) is recorded as an error; the rest still run, and a
+    run cut off part-way leaves a record of what it measured."""
+    out = tmp_path / 'suite.json'
+    measure, written = gpu_suite.measure, []
+
+    def measure_or_fail(args, variant, batch_size, device, peak):
+        if variant == 'lean' and batch_size == 4:
+            raise RuntimeError('lean cannot run here\nsecond line')
+        return measure(args, variant, batch_size, device, peak)
+
+    def write_record(path, record):
+        written.append(json.loads(json.dumps(record)))
+        path.write_text(json.dumps(record))
+
+    monkeypatch.setattr(gpu_suite, 'measure', measure_or_fail)
+    monkeypatch.setattr(gpu_suite, 'write_record', write_record)
+    monkeypatch.setattr(sys, 'argv', ['gpu_suite.py', '--toy', '--no-profile', '--variants', 'fused', 'lean',
+                                      '--out', str(out)])
+    gpu_suite.main()
+    record = json.loads(out.read_text())
+    assert record['complete'] and [(r['variant'], r['batch_size']) for r in record['results']] == [
+        ('fused', 4), ('fused', 8), ('lean', 8)]
+    assert record['errors'] == [dict(variant='lean', batch_size=4, error='RuntimeError: lean cannot run here')]
+    assert 'FAILED: variant=lean, batch_size=4: RuntimeError: lean cannot run here' in capsys.readouterr().out
+    # One partial record per (batch, variant), then the complete one.
+    assert [len(w['results']) for w in written] == [1, 1, 2, 3, 3] and not any(w['complete'] for w in written[:-1])
 
 
 def test_step_memory_script_counts_every_variant_and_precision(tmp_path):
@@ -222,6 +252,11 @@ def test_device_all_runs_what_fits_in_its_budget_and_returns_one_tar(tmp_path):
     proc = run_device_all(env)
     assert proc.returncode == 2 and 'unknown stage trian:mnist in STAGES' in proc.stderr
     assert proc.stdout == ''  # before the set-up (seconds of imports) and any stage
+    # The authors' 100-epoch recipe ends only at the budget: a stage after it is named as likely to get no time.
+    env['STAGES'] = 'recipe:not_carried train:not_carried'
+    proc = run_device_all(env)
+    assert proc.returncode == 0 and ('note: train:not_carried comes after recipe:not_carried, which can take all of '
+                                     'the budget left') in proc.stderr
 
 
 def test_device_all_retries_a_failed_training_run_with_retry_args(tmp_path):
