@@ -30,7 +30,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, DynamoBackend, TorchDynamoPlugin, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -98,6 +98,9 @@ DEFAULTS: Dict[str, Any] = {
         'eval_batch_size': 1000,
         'channels_last': False,
         'compile': False,  # torch.compile the training step: false, true, or a mode ('reduce-overhead', ...)
+        # torch.compile backend (timm's --torchcompile BACKEND): inductor, or e.g. aot_eager to trace without code
+        # generation (a quick check that the step compiles; no faster than eager)
+        'compile_backend': 'inductor',
         'test_every_epoch': False,  # also test every epoch, for the curve only (the best epoch is chosen on validation)
         # torch.profiler over this many steps early in the second epoch (past compilation) -> profile.txt; profiling
         # slows those steps, so leave it off for timing runs.
@@ -326,8 +329,11 @@ class RecipeData:
             for index, batch in enumerate(loader, start):
                 yield index, to_model_input(batch['image']), batch['label']
             return
+        # The jitter is compiled with the step, by inductor (another backend generates no fused kernels for it).
+        compile_jitter = (self.train_cfg['compile'] not in (False, None)
+                          and self.train_cfg['compile_backend'] == 'inductor')
         augment = dict(crop_padding=cfg['crop_padding'], hflip=cfg['hflip'], color_jitter=cfg['color_jitter'],
-                       grayscale_p=cfg['grayscale_p'], compile_jitter=self.train_cfg['compile'] not in (False, None))
+                       grayscale_p=cfg['grayscale_p'], compile_jitter=compile_jitter)
         for index, images, labels in epoch_batches(self.train, self.train_cfg['batch_size'], epoch, seed,
                                                    acc.process_index, acc.num_processes, start=start):
             # Seeded per batch: a run resumed mid-epoch draws the same augmentation as an uninterrupted one.
@@ -631,12 +637,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if train_cfg['mode'] not in ('fused', 'lean'):
         raise SystemExit(f"error: train.mode={train_cfg['mode']!r}; choose 'fused' or 'lean'")
     dynamo_plugin = None  # accelerate's own default: none, or `accelerate launch --dynamo_backend ...`
+    backend = train_cfg['compile_backend']
+    # The backends both torch.compile and accelerate's TorchDynamoPlugin know.
+    backends = sorted(set(torch._dynamo.list_backends(exclude_tags=())) & {b.value.lower() for b in DynamoBackend})
+    if backend not in backends:
+        raise SystemExit(f"error: train.compile_backend={backend!r}; use one of {', '.join(backends)}")
     if train_cfg['compile'] not in (False, None):
         if train_cfg['compile'] is not True and train_cfg['compile'] not in COMPILE_MODES:
             raise SystemExit(f"error: train.compile={train_cfg['compile']!r}; use false, true or a torch.compile "
                              f"mode: {', '.join(COMPILE_MODES)}")
         mode = None if train_cfg['compile'] is True else train_cfg['compile']
-        dynamo_plugin = TorchDynamoPlugin(backend='inductor', mode=mode)
+        if mode not in (None, 'default') and backend != 'inductor':
+            raise SystemExit(f'error: train.compile={mode!r} is a mode of the inductor backend; with '
+                             f'train.compile_backend={backend!r} use train.compile=true')
+        dynamo_plugin = TorchDynamoPlugin(backend=backend, mode=mode)
     profile_steps, stop_after = train_cfg['profile_steps'], train_cfg['stop_after_epochs']
     resume_from = find_resume_checkpoint(args.resume, out) if args.resume else None
     if resume_from is None and latest_checkpoint(out) is not None:

@@ -58,6 +58,10 @@ def test_digits_main_job(tmp_path):
     ('model.args.pool_type=max', "unknown pool_type 'max'"),
     ('train.mixed_precision=fp16', "mixed_precision='fp16' is not supported"),
     ('train.compile=fastest', "train.compile='fastest'; use false, true or a torch.compile mode"),
+    ('train.compile_backend=inductr', "train.compile_backend='inductr'; use one of aot_eager, .*inductor"),
+    ('train.compile=reduce-overhead train.compile_backend=aot_eager',
+     "train.compile='reduce-overhead' is a mode of the inductor backend; with train.compile_backend='aot_eager' use "
+     "train.compile=true"),
     ('train.checkpoint_epochs=0', 'checkpoint_epochs=0 must be a whole number, at least 1'),
     ('train.stop_after_epochs=0', r'stop_after_epochs=0 must be a whole number, at least 1 \(or null\)'),
     ('train.max_steps=1e3', "train.max_steps='1e3' must be a whole number, at least 1"),
@@ -79,7 +83,7 @@ def test_digits_main_job(tmp_path):
 ])
 def test_config_errors_stop_at_once(tmp_path, override, message):
     with pytest.raises(SystemExit, match=message):
-        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', override])
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', *override.split()])
     if override == 'data.img_size=3':
         # VGG8 needs 16x16 for its four down-sampling steps.
         with pytest.raises(SystemExit, match='data.img_size=8 is too small for asge_cnn.*at least 16x16'):
@@ -292,11 +296,14 @@ def test_results_record_the_commit_the_run_started_from(tmp_path, monkeypatch):
 
 
 def test_compiled_channels_last_training_matches_eager(tmp_path):
-    """``train.compile`` (torch.compile through accelerate) with channels_last trains the eager step's weights."""
+    """``train.compile`` (torch.compile through accelerate) with channels_last trains the eager step's weights.
+
+    The aot_eager backend traces the step as inductor does, without generating C++ (a minute on a cold cache here);
+    test_compile.py checks inductor's kernels on the same step."""
     common = ['--config', DIGITS, 'train.epochs=1', 'train.max_steps=4', 'model.args.drop_rate=0.0']
     recipe.main(common + [f'output_dir={tmp_path / "eager"}'])
     proc = run_recipe(*common, f'output_dir={tmp_path / "compiled"}', 'train.compile=true', 'train.channels_last=true',
-                      timeout=600)
+                      'train.compile_backend=aot_eager', timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     eager = load_file(tmp_path / 'eager' / 'export' / 'model.safetensors')
     compiled = load_file(tmp_path / 'compiled' / 'export' / 'model.safetensors')
