@@ -170,8 +170,10 @@ def measure(args, variant: str, batch_size: int, device: torch.device, peak: Opt
     model.zero_grad(set_to_none=True)  # so the step's own gradients count in its peak, not in the baseline
     meter = MemoryMeter(device)
     meter.start()
-    step()
-    peak_bytes = meter.stop()
+    try:
+        step()
+    finally:  # a failing step must not leave the CPU counter's dispatch mode on for the rows after it
+        peak_bytes = meter.stop()
     _sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):

@@ -9,6 +9,7 @@ import tarfile
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 import accuracy_report
 from accuracy_report import first_epoch_at, summarise
@@ -39,22 +40,29 @@ def test_gpu_suite_keeps_the_other_rows_when_one_fails_and_writes_after_every_ro
     """One variant that fails (a compile mode it cannot run, say) is recorded as an error; the rest still run, and a
     run cut off part-way leaves a record of what it measured."""
     out = tmp_path / 'suite.json'
-    measure, written = gpu_suite.measure, []
+    build, written = gpu_suite.build, []
 
-    def measure_or_fail(args, variant, batch_size, device, peak):
-        if variant == 'lean' and batch_size == 4:
-            raise RuntimeError('lean cannot run here\nsecond line')
-        return measure(args, variant, batch_size, device, peak)
+    def build_failing_in_the_measured_step(args, variant, batch_size, device):
+        model, step = build(args, variant, batch_size, device)
+        calls = []
+
+        def failing_step():
+            calls.append(1)
+            if len(calls) > args.warmup:  # inside the memory meter: its dispatch mode must not stay on
+                raise RuntimeError('lean cannot run here\nsecond line')
+            step()
+        return model, failing_step if (variant, batch_size) == ('lean', 4) else step
 
     def write_record(path, record):
         written.append(json.loads(json.dumps(record)))
         path.write_text(json.dumps(record))
 
-    monkeypatch.setattr(gpu_suite, 'measure', measure_or_fail)
+    monkeypatch.setattr(gpu_suite, 'build', build_failing_in_the_measured_step)
     monkeypatch.setattr(gpu_suite, 'write_record', write_record)
     monkeypatch.setattr(sys, 'argv', ['gpu_suite.py', '--toy', '--no-profile', '--variants', 'fused', 'lean',
                                       '--out', str(out)])
     gpu_suite.main()
+    assert not _get_current_dispatch_mode_stack()
     record = json.loads(out.read_text())
     assert record['complete'] and [(r['variant'], r['batch_size']) for r in record['results']] == [
         ('fused', 4), ('fused', 8), ('lean', 8)]
