@@ -341,7 +341,10 @@ def main() -> None:
             return None
         finally:
             if device.type == 'cuda':
-                torch.cuda.empty_cache()
+                try:
+                    torch.cuda.empty_cache()
+                except Exception:  # noqa: BLE001 (a sticky CUDA error raises here too; it is recorded above)
+                    pass
 
     for batch_size in batch_sizes:
         for variant in args.variants:
@@ -370,6 +373,7 @@ def main() -> None:
                              lambda: measure_augmentation(args, device, compiled))
             if result is not None:
                 augmentation.append(result)
+            save(complete=False)
 
     settings = (f"{args.model} {'x'.join(map(str, args.input_size))}, {'bf16 autocast' if args.amp else 'fp32'}, "
                 f"{'channels_last' if args.channels_last else 'NCHW'}, fused AdamW"
@@ -402,6 +406,8 @@ def main() -> None:
     for e in errors:
         print(f"FAILED: {', '.join(f'{k}={v}' for k, v in e.items() if k != 'error')}: {e['error']}")
     save(complete=True)
+    if errors:  # the record keeps what was measured; the exit status says it is not everything
+        sys.exit(1)
 
 if __name__ == '__main__':
     main()

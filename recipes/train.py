@@ -637,9 +637,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if train_cfg['mode'] not in ('fused', 'lean'):
         raise SystemExit(f"error: train.mode={train_cfg['mode']!r}; choose 'fused' or 'lean'")
     dynamo_plugin = None  # accelerate's own default: none, or `accelerate launch --dynamo_backend ...`
-    backend = train_cfg['compile_backend']
-    # The backends both torch.compile and accelerate's TorchDynamoPlugin know.
-    backends = sorted(set(torch._dynamo.list_backends(exclude_tags=())) & {b.value.lower() for b in DynamoBackend})
+    backend = train_cfg['compile_backend'] = train_cfg['compile_backend'] or 'inductor'  # null: the default
+    # Those of the backends both torch.compile and accelerate's TorchDynamoPlugin know that need no other package
+    # (tvm, say, is listed by both and fails at the first step without apache-tvm).
+    backends = sorted(set(torch._dynamo.list_backends(exclude_tags=())) & {b.value.lower() for b in DynamoBackend}
+                      & {'inductor', 'aot_eager', 'eager', 'cudagraphs'})
     if backend not in backends:
         raise SystemExit(f"error: train.compile_backend={backend!r}; use one of {', '.join(backends)}")
     if train_cfg['compile'] not in (False, None):

@@ -61,15 +61,16 @@ def test_gpu_suite_keeps_the_other_rows_when_one_fails_and_writes_after_every_ro
     monkeypatch.setattr(gpu_suite, 'write_record', write_record)
     monkeypatch.setattr(sys, 'argv', ['gpu_suite.py', '--toy', '--no-profile', '--variants', 'fused', 'lean',
                                       '--out', str(out)])
-    gpu_suite.main()
-    assert not _get_current_dispatch_mode_stack()
+    with pytest.raises(SystemExit) as exited:  # the record is written, and the exit status says a row is missing
+        gpu_suite.main()
+    assert exited.value.code == 1 and not _get_current_dispatch_mode_stack()
     record = json.loads(out.read_text())
     assert record['complete'] and [(r['variant'], r['batch_size']) for r in record['results']] == [
         ('fused', 4), ('fused', 8), ('lean', 8)]
     assert record['errors'] == [dict(variant='lean', batch_size=4, error='RuntimeError: lean cannot run here')]
     assert 'FAILED: variant=lean, batch_size=4: RuntimeError: lean cannot run here' in capsys.readouterr().out
-    # One partial record per (batch, variant), then the complete one.
-    assert [len(w['results']) for w in written] == [1, 1, 2, 3, 3] and not any(w['complete'] for w in written[:-1])
+    # One partial record per (batch, variant) and per augmentation measurement, then the complete one.
+    assert [len(w['results']) for w in written] == [1, 1, 2, 3, 3, 3] and not any(w['complete'] for w in written[:-1])
 
 
 def test_step_memory_script_counts_every_variant_and_precision(tmp_path):
