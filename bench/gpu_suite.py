@@ -16,6 +16,10 @@ Variants: ``fused`` (``LocalLearner(model, 'fused')``, one backward over the sum
 through ``model(x)`` with the default ``fusion`` read-out). Data are synthetic (random images and labels on the
 device), so the numbers are the training step alone, no input pipeline.
 
+Each measurement runs on its own: one that fails (out of memory, a compile mode a variant cannot run) is recorded
+under ``errors`` and the rest still run; the JSON is rewritten after every measurement (``complete: false`` until the
+end), so a run cut off at a time limit keeps what it measured. The exit status is 1 when any measurement failed.
+
 ``--toy`` runs ``asge_cnn_tiny`` on tiny batches for a few steps, on the CPU if there is no GPU: a smoke test of this
 script, not a measurement (CPU memory there is live tensor bytes, counted at dispatch).
 
