@@ -334,50 +334,45 @@ def main() -> None:
         )
         write_record(out, record)
 
-    def attempt(what: Dict[str, Any], measurement) -> Optional[Dict[str, Any]]:
-        """Run one measurement; a failure (out of memory, a compile mode a variant cannot run) costs only its row."""
+    def attempt(what: Dict[str, Any], measurement, results: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        """Run one measurement into ``results`` and save the record; a failure (out of memory, a compile mode a variant
+        cannot run) is recorded under ``errors`` and costs only this measurement."""
+        result = None
         try:
-            return measurement()
-        except Exception as e:  # noqa: BLE001 (recorded, and the other rows still run)
-            message = f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'
+            result = measurement()
+            results.append(result)
+        except Exception as e:  # noqa: BLE001 (recorded, and the other measurements still run)
+            message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
             errors.append(dict(what, error=message))
             print(f'{what}: failed ({message})', file=sys.stderr)
-            return None
         finally:
             if device.type == 'cuda':
                 try:
                     torch.cuda.empty_cache()
                 except Exception:  # noqa: BLE001 (a sticky CUDA error raises here too; it is recorded above)
                     pass
+        save(complete=False)
+        return result
 
     for batch_size in batch_sizes:
         for variant in args.variants:
             row = attempt(dict(variant=variant, batch_size=batch_size),
-                          lambda: measure(args, variant, batch_size, device, peak))
+                          lambda: measure(args, variant, batch_size, device, peak), rows)
             if row is not None:
-                rows.append(row)
                 skipped = row['cudagraph_skips']
                 print(f"  {variant:<9} batch {batch_size:>5}: {row['images_per_s']:.1f} img/s"
                       + (f' ({skipped} compiled graph(s) without CUDA graphs: TORCH_LOGS=cudagraphs says why)'
                          if skipped else ''), file=sys.stderr)
-            save(complete=False)
-
     if args.profile:
         for variant in args.variants:
-            result = attempt(dict(variant=variant, batch_size=args.memory_batch, profile=True),
-                             lambda: profile(args, variant, device, args.profile_rows))
-            if result is not None:
-                profiles.append(result)
-            save(complete=False)
+            attempt(dict(variant=variant, batch_size=args.memory_batch, profile=True),
+                    lambda: profile(args, variant, device, args.profile_rows), profiles)
     # Measured once, in the run without --compile (the step's compile mode does not change it); the compiled jitter
     # costs a compilation, so the CPU smoke test leaves it out.
     if not args.compile:
         for compiled in (False,) if toy else (False, True):
-            result = attempt(dict(augmentation=True, compiled=compiled),
-                             lambda: measure_augmentation(args, device, compiled))
-            if result is not None:
-                augmentation.append(result)
-            save(complete=False)
+            attempt(dict(augmentation=True, compiled=compiled), lambda: measure_augmentation(args, device, compiled),
+                    augmentation)
 
     settings = (f"{args.model} {'x'.join(map(str, args.input_size))}, {'bf16 autocast' if args.amp else 'fp32'}, "
                 f"{'channels_last' if args.channels_last else 'NCHW'}, fused AdamW"
@@ -412,6 +407,7 @@ def main() -> None:
     save(complete=True)
     if errors:  # the record keeps what was measured; the exit status says it is not everything
         sys.exit(1)
+
 
 if __name__ == '__main__':
     main()
