@@ -251,12 +251,12 @@ def idle_cores_hint(accelerator: Accelerator) -> Optional[str]:
             f'`accelerate launch --num_cpu_threads_per_process {per_process}` or set OMP_NUM_THREADS={per_process}')
 
 
-def run_command(argv: List[str]) -> str:
+def run_command(argv: List[str], script: str = 'recipes/train.py') -> str:
     """The command line of this run, as a user would type it again."""
     # `accelerate launch` exports ACCELERATE_MIXED_PRECISION to the processes it starts; a plain `python` run
     # (bench/device/run.sh) is recorded as such.
     launcher = 'accelerate launch' if 'ACCELERATE_MIXED_PRECISION' in os.environ else 'python'
-    return shlex.join([*launcher.split(), 'recipes/train.py', *argv])
+    return shlex.join([*launcher.split(), script, *argv])
 
 
 def git_commit() -> Optional[str]:
@@ -281,27 +281,17 @@ class RecipeData:
         self.data_cfg, self.train_cfg, self.accelerator = config['data'], config['train'], accelerator
         data_cfg = self.data_cfg
         seed = self.train_cfg['seed'] if data_cfg['split_seed'] is None else data_cfg['split_seed']
-        source = data_cfg['path'] or data_cfg['source']
-        columns = dict(image_column=data_cfg['image_column'], label_column=data_cfg['label_column'])
         try:
             if data_cfg['color_jitter'] is not None:
                 check_color_jitter(data_cfg['color_jitter'])  # before minutes of decoding, not at the first batch
             with accelerator.main_process_first():
-                if data_cfg['in_memory']:
-                    load = dict(img_size=data_cfg['img_size'], channels=data_cfg['channels'],
-                                cache_dir=data_cfg['cache_dir'], **columns)
-                    train, self.test = load_tensors(source, data_cfg['train_split'], **load), \
-                        load_tensors(source, data_cfg['test_split'], **load)
-                    self.train, self.val = split_train_val(train, data_cfg['val_size'], seed)
-                    self.label_names = train.label_names
-                    device = accelerator.device
-                    self.train, self.val, self.test = self.train.to(device), self.val.to(device), self.test.to(device)
-                else:
-                    train = load_dataset_split(source, data_cfg['train_split'])
-                    self.test = load_dataset_split(source, data_cfg['test_split'])
-                    self.train, self.val = split_train_val(train, data_cfg['val_size'], seed)
-                    label_column = find_columns(train.features, **columns)[1]
-                    self.label_names = label_names(train, label_column)
+                train = load_split(data_cfg, data_cfg['train_split'])
+                self.test = load_split(data_cfg, data_cfg['test_split'])
+                self.train, self.val = split_train_val(train, data_cfg['val_size'], seed)
+            self.label_names = split_label_names(data_cfg, train)
+            if data_cfg['in_memory']:
+                device = accelerator.device
+                self.train, self.val, self.test = self.train.to(device), self.val.to(device), self.test.to(device)
         except ValueError as err:
             raise SystemExit(f'error: {err}') from err
         self.sizes = {'train': len(self.train), 'validation': len(self.val), 'test': len(self.test)}
@@ -309,7 +299,8 @@ class RecipeData:
         if not data_cfg['in_memory']:
             self.train_loader = accelerator.prepare(image_loader(
                 self.train, data_cfg['img_size'], data_cfg['channels'], self.train_cfg['batch_size'], train=True,
-                num_workers=data_cfg['num_workers'], **columns))
+                num_workers=data_cfg['num_workers'], image_column=data_cfg['image_column'],
+                label_column=data_cfg['label_column']))
 
     @property
     def num_classes(self) -> int:
@@ -342,28 +333,55 @@ class RecipeData:
 
     def eval_batches(self, split: str) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """``(float images, labels)`` of this process's shard of ``'validation'`` or ``'test'`` (no padding)."""
-        acc, cfg = self.accelerator, self.data_cfg
         data = self.val if split == 'validation' else self.test
-        batch_size = self.train_cfg['eval_batch_size']
-        if cfg['in_memory']:
-            for _, images, labels in epoch_batches(data, batch_size, rank=acc.process_index,
-                                                   world_size=acc.num_processes, shuffle=False):
-                yield to_model_input(images), labels
-            return
-        shard = data.shard(num_shards=acc.num_processes, index=acc.process_index, contiguous=True)
-        loader = image_loader(shard, cfg['img_size'], cfg['channels'], batch_size, train=False,
-                              num_workers=cfg['num_workers'], image_column=cfg['image_column'],
-                              label_column=cfg['label_column'])
-        for batch in loader:
-            yield (to_model_input(batch['image'].to(acc.device, non_blocking=True)),
-                   batch['label'].to(acc.device, non_blocking=True))
+        return eval_batches(self.accelerator, self.data_cfg, data, self.train_cfg['eval_batch_size'])
+
+
+def load_split(data_cfg: Dict[str, Any], split: str):
+    """One split of the configured dataset: uint8 tensors (``data.in_memory``) or a ``datasets.Dataset`` to stream."""
+    source = data_cfg['path'] or data_cfg['source']
+    if data_cfg['in_memory']:
+        return load_tensors(source, split, img_size=data_cfg['img_size'], channels=data_cfg['channels'],
+                            cache_dir=data_cfg['cache_dir'], image_column=data_cfg['image_column'],
+                            label_column=data_cfg['label_column'])
+    return load_dataset_split(source, split)
+
+
+def split_label_names(data_cfg: Dict[str, Any], data) -> List[str]:
+    """Class names of a split that :func:`load_split` returned."""
+    if data_cfg['in_memory']:
+        return data.label_names
+    return label_names(data, find_columns(data.features, data_cfg['image_column'], data_cfg['label_column'])[1])
+
+
+def eval_batches(accelerator: Accelerator, data_cfg: Dict[str, Any], data, batch_size: int
+                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(float images, labels)`` of this process's shard of an evaluation split (no augmentation, no padding)."""
+    acc = accelerator
+    if data_cfg['in_memory']:
+        for _, images, labels in epoch_batches(data, batch_size, rank=acc.process_index, world_size=acc.num_processes,
+                                               shuffle=False):
+            yield to_model_input(images), labels
+        return
+    shard = data.shard(num_shards=acc.num_processes, index=acc.process_index, contiguous=True)
+    loader = image_loader(shard, data_cfg['img_size'], data_cfg['channels'], batch_size, train=False,
+                          num_workers=data_cfg['num_workers'], image_column=data_cfg['image_column'],
+                          label_column=data_cfg['label_column'])
+    for batch in loader:
+        yield (to_model_input(batch['image'].to(acc.device, non_blocking=True)),
+               batch['label'].to(acc.device, non_blocking=True))
+
+
+def accuracy_on(accelerator: Accelerator, model, batches: Iterator[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Accuracy of every block and of the fusion read-out over this process's batches, reduced over processes."""
+    with accelerator.autocast():
+        correct, total = evaluate(model, batches)
+    return accelerator.reduce(correct, 'sum').double() / accelerator.reduce(total, 'sum')
 
 
 def evaluate_split(accelerator: Accelerator, model, data: RecipeData, split: str) -> torch.Tensor:
-    """Accuracy of every block and of the fusion read-out on a split (sharded over processes, reduced)."""
-    with accelerator.autocast():
-        correct, total = evaluate(model, data.eval_batches(split))
-    return accelerator.reduce(correct, 'sum').double() / accelerator.reduce(total, 'sum')
+    """Accuracy of every block and of the fusion read-out on ``'validation'`` or ``'test'``."""
+    return accuracy_on(accelerator, model, data.eval_batches(split))
 
 
 def build_model(config: Dict[str, Any], num_classes: int):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import warnings
 
-import pytest
 import torch
 import timm
 from accelerate import Accelerator

@@ -18,7 +18,6 @@ import timm
 import timm_asge  # noqa: F401  (registers the models)
 from timm_asge import hub
 from timm_asge.checkpoint import CheckpointError, checkpoint_filter_fn
-from timm_asge.models import asge_cnn
 from timm_asge.models.asge_cnn import MNIST_LABELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -314,6 +313,8 @@ def test_card_metadata_and_model_index(tmp_path):
     assert "timm.create_model('hf-hub:someone/asge_cnn_tiny.mnist_demo', pretrained=True)" in card.text
     assert 'import timm_asge' in card.text
     assert results['command'] in card.text and 'recipes/configs/digits.yaml' in card.text
+    assert ('python recipes/validate.py --model hf-hub:someone/asge_cnn_tiny.mnist_demo --config '
+            'recipes/configs/digits.yaml') in card.text  # how to check the table
     assert 'lr: 0.002' in card.text  # the resolved recipe
     assert '@inproceedings{gong2026asge' in card.text and '2509.12394' in card.text
     # Not a registry name (tag mnist_demo): the card must not promise a registry-name load.
@@ -538,9 +539,8 @@ def test_checkpoint_filter_fn_allows_only_timm_adaptation(exported):
     assert 'missing from checkpoint: stages.2.conv.weight' in message and 'not in the model: extra.weight' in message
 
 
-@pytest.mark.skipif(getattr(asge_cnn, 'checkpoint_filter_fn', None) is not checkpoint_filter_fn,
-                    reason='asge_cnn._create_asge does not pass pretrained_filter_fn=checkpoint_filter_fn yet')
 def test_plain_timm_shape_mismatch_is_clear(exported):
+    """timm's own loader runs our checkpoint_filter_fn (pretrained_filter_fn), so plain create_model is clear too."""
     _, _, out = exported
     _edit_widths(out)
     with pytest.raises(CheckpointError, match='describe different networks'):

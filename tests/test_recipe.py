@@ -12,6 +12,7 @@ import timm
 from safetensors.torch import load_file
 
 import train as recipe
+import validate
 from accuracy_report import summarise
 from conftest import ROOT, free_port, shared_dataset
 from timm_asge.data import load_tensors, to_model_input
@@ -49,6 +50,14 @@ def test_digits_main_job(tmp_path):
         with torch.no_grad():
             accuracy = (model(to_model_input(test.images)).argmax(1) == test.labels).double().mean().item()
         assert accuracy == pytest.approx(results['test_accuracy'][strategy], abs=1e-9), strategy
+
+    # recipes/validate.py on the run folder (its export/) reproduces the run's test figures exactly.
+    tested = validate.main(['--model', str(tmp_path), '--config', DIGITS, '--out', str(tmp_path / 'test.json')])
+    assert tested['test_accuracy'] == results['test_accuracy']
+    assert tested['test_block_accuracy'] == results['test_block_accuracy']
+    assert tested['best_block'] == results['best_block'] and tested['dataset']['images'] == 359
+    assert tested['strategies'] == results['strategies']
+    assert json.loads((tmp_path / 'test.json').read_text())['command'].startswith('python recipes/validate.py --model')
 
 
 @pytest.mark.parametrize('override,message', [
@@ -492,3 +501,8 @@ def test_imagenet_config_streams_imagenette_through_dataloader_workers(tmp_path)
     assert results['steps'] == 3
     model = timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True)
     assert model.num_classes == 10 and model.pretrained_cfg['label_names'][0] == 'tench'
+    tested = validate.main(['--model', f'local-dir:{tmp_path / "export"}', '--config', str(ROOT / 'recipes' / 'configs'
+                            / 'imagenet.yaml'), f'data.path={path}', 'train.cpu=true', 'train.mixed_precision=no',
+                            'data.img_size=64', 'data.num_workers=2', 'train.eval_batch_size=256'])
+    assert tested['dataset']['split'] == 'validation' and tested['dataset']['images'] == 3925
+    assert tested['test_accuracy'] == results['test_accuracy']  # the same streamed batches as the run's own test

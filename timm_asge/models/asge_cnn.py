@@ -519,7 +519,8 @@ class AsgeCnn(nn.Module):
             self.best_block.fill_(-1)
         weight = self.stages[0].conv.weight
         self.head = ClassifierHead(
-            self.fusion_features, self.num_classes, pool_type=self.global_pool, device=weight.device, dtype=weight.dtype)
+            self.fusion_features, self.num_classes, pool_type=self.global_pool, device=weight.device,
+            dtype=weight.dtype)
         self._init_head()
         self.set_prediction('fusion')
         if prune_head:
