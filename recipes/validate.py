@@ -50,18 +50,22 @@ def model_source(model: str) -> str:
     return model  # a registry name with published weights, e.g. asge_cnn.mnist
 
 
-def check_fit(model, data_cfg: Dict[str, Any], names: List[str], source: str) -> List[str]:
-    """Stop when the model cannot read the data; return notes on differences that only change the result."""
+def check_input(model, data_cfg: Dict[str, Any], source: str) -> None:
+    """Stop, before any data is decoded, when the model cannot read images of the configured shape."""
     if model.in_chans != data_cfg['channels']:
         raise SystemExit(f"error: {source} reads {model.in_chans}-channel images but data.channels="
                          f"{data_cfg['channels']}; set data.channels={model.in_chans} (use the config of the dataset "
                          f"the model was trained on)")
-    if model.num_classes != len(names):
-        raise SystemExit(f'error: {source} has {model.num_classes} classes but the dataset has {len(names)}; test it '
-                         f'on the dataset it was trained on (or set data.label_column)')
     if data_cfg['img_size'] < model.min_input_size:
         raise SystemExit(f"error: data.img_size={data_cfg['img_size']} is too small for {source}: it needs at least "
                          f'{model.min_input_size}x{model.min_input_size}; raise data.img_size')
+
+
+def check_classes(model, data_cfg: Dict[str, Any], names: List[str], source: str) -> List[str]:
+    """Stop when the dataset has another class count; return notes on differences that only change the result."""
+    if model.num_classes != len(names):
+        raise SystemExit(f'error: {source} has {model.num_classes} classes but the dataset has {len(names)}; test it '
+                         f'on the dataset it was trained on (or set data.label_column)')
     notes = []
     trained_names = model.pretrained_cfg.get('label_names')
     if trained_names and list(trained_names) != list(names):
@@ -95,6 +99,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if not isinstance(model, timm_asge.AsgeCnn):
         raise SystemExit(f'error: {source} is a {type(model).__name__}, not an ASGE model')
 
+    check_input(model, data_cfg, source)
+
     accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=train_cfg['mixed_precision'])
     try:
         with accelerator.main_process_first():
@@ -102,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         names = split_label_names(data_cfg, data)
     except ValueError as err:
         raise SystemExit(f'error: {err}') from err
-    for note in check_fit(model, data_cfg, names, source):
+    for note in check_classes(model, data_cfg, names, source):
         accelerator.print(note)
     if data_cfg['in_memory']:
         data = data.to(accelerator.device)

@@ -79,3 +79,10 @@ def test_other_class_names_or_image_size_are_noted(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trained with class names ['c0', 'c1', 'c2', 'c3']..., the dataset has ['0', '1', '2', '3']" in out
     assert 'trained on 16x16 images, tested here at data.img_size=20' in out
+
+
+def test_a_model_that_cannot_read_the_images_stops_before_any_data_is_decoded(tmp_path, monkeypatch):
+    _saved(tmp_path / 'model', in_chans=3)
+    monkeypatch.setattr(validate, 'load_split', lambda *args: pytest.fail('decoded the data first'))
+    with pytest.raises(SystemExit, match='reads 3-channel images'):
+        validate.main(['--model', str(tmp_path / 'model'), '--config', DIGITS])
