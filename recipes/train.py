@@ -168,6 +168,8 @@ def load_config(path: Optional[str], overrides: List[str]) -> Dict[str, Any]:
     """Defaults, then the YAML file, then ``key=value`` overrides; unknown keys stop with a suggestion."""
     config = copy.deepcopy(DEFAULTS)
     if path:
+        if not Path(path).is_file():
+            raise SystemExit(f'error: no config file {path!r}; the benchmark configs are recipes/configs/*.yaml')
         with open(path) as f:
             loaded = yaml.safe_load(f) or {}
         _merge(config, loaded, where=path)
@@ -571,6 +573,37 @@ def plot_history(history: List[Dict[str, Any]], path: Path, num_blocks: int) -> 
     plt.close(fig)
 
 
+def check_config(config: Dict[str, Any]) -> None:
+    """Stop with a message on any setting of the wrong kind or out of range, before anything loads."""
+    train_cfg = config['train']
+    if train_cfg['mixed_precision'] not in ('no', 'bf16'):
+        raise SystemExit(f"error: train.mixed_precision={train_cfg['mixed_precision']!r} is not supported; use 'no' "
+                         f"or 'bf16' (fp16 needs a loss scaler that lean mode's per-block backward cannot apply)")
+    if isinstance(train_cfg['lr'], bool) or not isinstance(train_cfg['lr'], (int, float)) or not train_cfg['lr'] > 0:
+        raise SystemExit(f"error: train.lr={train_cfg['lr']!r} must be a positive number")
+    if not isinstance(train_cfg['min_lr'], (int, float)) or not 0 <= train_cfg['min_lr'] <= train_cfg['lr']:
+        raise SystemExit(f"error: train.min_lr={train_cfg['min_lr']!r} must be between 0 and "
+                         f"train.lr={train_cfg['lr']!r} (where the cosine schedule ends)")
+    split_seed = config['data']['split_seed']
+    if split_seed is not None and (isinstance(split_seed, bool) or not isinstance(split_seed, int)):
+        raise SystemExit(f'error: data.split_seed={split_seed!r} must be a whole number (or null: train.seed)')
+    if not isinstance(train_cfg['sched_on_updates'], bool):
+        raise SystemExit(f"error: train.sched_on_updates={train_cfg['sched_on_updates']!r}; use true (cosine after "
+                         f"every step) or false (after every epoch, as the authors' code)")
+    check_whole_numbers(config)
+    if config['model']['prediction'] not in PREDICTIONS:
+        raise SystemExit(f"error: model.prediction={config['model']['prediction']!r}; choose one of "
+                         f"{', '.join(PREDICTIONS)}")
+    if config['data']['channels'] not in (1, 3):
+        raise SystemExit(f"error: data.channels={config['data']['channels']!r} must be 1 (greyscale) or 3 (RGB): the "
+                         f"images are converted to one of those as they load")
+    grayscale_p = config['data']['grayscale_p']
+    if isinstance(grayscale_p, bool) or not isinstance(grayscale_p, (int, float)) or not 0 <= grayscale_p <= 1:
+        raise SystemExit(f'error: data.grayscale_p={grayscale_p!r} must be a probability between 0 and 1')
+    if train_cfg['mode'] not in ('fused', 'lean'):
+        raise SystemExit(f"error: train.mode={train_cfg['mode']!r}; choose 'fused' or 'lean'")
+
+
 def check_whole_numbers(config: Dict[str, Any]) -> None:
     """Stop with a message naming the first setting of ``WHOLE_NUMBERS`` that is not a whole number in range."""
     for key, least, nullable in WHOLE_NUMBERS:
@@ -628,32 +661,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     config = load_config(args.config, args.overrides)
     out = Path(config['output_dir'] or Path('outputs') / config['name'])
     train_cfg = config['train']
-    if train_cfg['mixed_precision'] not in ('no', 'bf16'):
-        raise SystemExit(f"error: train.mixed_precision={train_cfg['mixed_precision']!r} is not supported; use 'no' "
-                         f"or 'bf16' (fp16 needs a loss scaler that lean mode's per-block backward cannot apply)")
-    if isinstance(train_cfg['lr'], bool) or not isinstance(train_cfg['lr'], (int, float)) or not train_cfg['lr'] > 0:
-        raise SystemExit(f"error: train.lr={train_cfg['lr']!r} must be a positive number")
-    if not isinstance(train_cfg['min_lr'], (int, float)) or not 0 <= train_cfg['min_lr'] <= train_cfg['lr']:
-        raise SystemExit(f"error: train.min_lr={train_cfg['min_lr']!r} must be between 0 and "
-                         f"train.lr={train_cfg['lr']!r} (where the cosine schedule ends)")
-    split_seed = config['data']['split_seed']
-    if split_seed is not None and (isinstance(split_seed, bool) or not isinstance(split_seed, int)):
-        raise SystemExit(f'error: data.split_seed={split_seed!r} must be a whole number (or null: train.seed)')
-    if not isinstance(train_cfg['sched_on_updates'], bool):
-        raise SystemExit(f"error: train.sched_on_updates={train_cfg['sched_on_updates']!r}; use true (cosine after "
-                         f"every step) or false (after every epoch, as the authors' code)")
-    check_whole_numbers(config)
-    if config['model']['prediction'] not in PREDICTIONS:
-        raise SystemExit(f"error: model.prediction={config['model']['prediction']!r}; choose one of "
-                         f"{', '.join(PREDICTIONS)}")
-    if config['data']['channels'] not in (1, 3):
-        raise SystemExit(f"error: data.channels={config['data']['channels']!r} must be 1 (greyscale) or 3 (RGB): the "
-                         f"images are converted to one of those as they load")
-    grayscale_p = config['data']['grayscale_p']
-    if isinstance(grayscale_p, bool) or not isinstance(grayscale_p, (int, float)) or not 0 <= grayscale_p <= 1:
-        raise SystemExit(f'error: data.grayscale_p={grayscale_p!r} must be a probability between 0 and 1')
-    if train_cfg['mode'] not in ('fused', 'lean'):
-        raise SystemExit(f"error: train.mode={train_cfg['mode']!r}; choose 'fused' or 'lean'")
+    check_config(config)
     dynamo_plugin = None  # accelerate's own default: none, or `accelerate launch --dynamo_backend ...`
     backend = train_cfg['compile_backend'] = train_cfg['compile_backend'] or 'inductor'  # null: the default
     # Those of the backends both torch.compile and accelerate's TorchDynamoPlugin know that need no other package

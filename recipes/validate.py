@@ -22,13 +22,13 @@ from typing import Any, Dict, List, Optional
 
 from accelerate import Accelerator
 
-import timm_asge  # noqa: F401  (registers the asge_* models)
+import timm_asge  # registers the asge_* models
 from timm_asge.checkpoint import CheckpointError
 from timm_asge.costs import strategy_costs
 from timm_asge.hub import create_model_checked
 from train import (
-    accuracy_on, describe_hardware, eval_batches, git_commit, load_config, load_split, run_command, split_label_names,
-    write_json,
+    accuracy_on, check_config, describe_hardware, eval_batches, git_commit, load_config, load_split, run_command,
+    split_label_names, write_json,
 )
 
 SCRIPT = 'recipes/validate.py'
@@ -39,6 +39,9 @@ def model_source(model: str) -> str:
     if model.startswith(('hf-hub:', 'local-dir:')):
         return model
     folder = Path(model).expanduser()
+    if folder.is_file():
+        raise SystemExit(f'error: {folder} is a file; pass the folder that holds config.json and model.safetensors '
+                         f'(a run folder or its export/)')
     if folder.is_dir():
         for candidate in (folder, folder / 'export'):
             if (candidate / 'config.json').is_file():
@@ -79,6 +82,7 @@ def check_classes(model, data_cfg: Dict[str, Any], names: List[str], source: str
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Test the model on the split and print its figures; returns them (also written to ``--out``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', required=True,
                         help='hf-hub:org/name, local-dir:<folder>, a run folder, or a registry name with weights')
@@ -89,6 +93,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
+    check_config(config)
     data_cfg, train_cfg = config['data'], config['train']
     split = args.split or data_cfg['test_split']
     source = model_source(args.model)

@@ -54,6 +54,9 @@ def test_folder_names_resolve_to_timm_names(tmp_path):
     ({}, ['data.img_size=3'], r'data.img_size=3 is too small for .*at least 4x4'),
     ({}, ['--split', 'validation'], "the digits dataset has splits 'train' and 'test', not 'validation'"),
     ({}, ['data.colour=1'], "unknown config key 'data.colour'"),
+    ({}, ['train.eval_batch_size=0'], 'train.eval_batch_size=0 must be'),
+    ({}, ['data.img_size=abc'], "data.img_size='abc' must be"),
+    ({}, ['train.mixed_precision=fp8'], "train.mixed_precision='fp8' is not supported"),
 ])
 def test_a_model_that_does_not_fit_the_data_stops_with_what_to_change(tmp_path, make, args, message):
     _saved(tmp_path / 'model', label_names=None, **make)
@@ -64,7 +67,12 @@ def test_a_model_that_does_not_fit_the_data_stops_with_what_to_change(tmp_path, 
 def test_missing_or_corrupt_models_stop_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="there is no folder 'someone/model'; if it is a Hub repo, write hf-hub:"):
         validate.main(['--model', 'someone/model', '--config', DIGITS])
+    with pytest.raises(SystemExit, match="no config file 'nope.yaml'"):
+        validate.main(['--model', 'someone/model', '--config', 'nope.yaml'])
     (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty.json').write_text('{}')
+    with pytest.raises(SystemExit, match='empty.json is a file; pass the folder that holds config.json'):
+        validate.main(['--model', str(tmp_path / 'empty.json'), '--config', DIGITS])
     with pytest.raises(SystemExit, match='holds no config.json'):
         validate.main(['--model', str(tmp_path / 'empty'), '--config', DIGITS])
     _saved(tmp_path / 'model')
