@@ -394,12 +394,18 @@ def build_model(config: Dict[str, Any], num_classes: int):
     except (TypeError, ValueError, RuntimeError) as err:
         raise SystemExit(f"error: cannot build model {model_cfg['name']!r} with model.args={model_cfg['args']}: "
                          f"{err}. Available: {', '.join(timm.list_models('asge*'))}") from err
-    if data_cfg['img_size'] < model.min_input_size:
-        raise SystemExit(
-            f"error: data.img_size={data_cfg['img_size']} is too small for {model_cfg['name']}: its "
-            f"{sum(model.downsample)} down-sampling steps and goodness grids {model.grids} need at least "
-            f"{model.min_input_size}x{model.min_input_size}; raise data.img_size or choose a shallower model")
+    check_img_size(model, data_cfg['img_size'], model_cfg['name'])
     return model
+
+
+def check_img_size(model, img_size: int, name: str, remedy: str = 'raise data.img_size or choose a shallower model'
+                   ) -> None:
+    """Stop when ``data.img_size`` is too small for the network's down-sampling and goodness grids."""
+    if img_size < model.min_input_size:
+        raise SystemExit(
+            f'error: data.img_size={img_size} is too small for {name}: its {sum(model.downsample)} down-sampling '
+            f'steps and goodness grids {model.grids} need at least {model.min_input_size}x{model.min_input_size}; '
+            f'{remedy}')
 
 
 class StepProfiler:

@@ -27,8 +27,8 @@ from timm_asge.checkpoint import CheckpointError
 from timm_asge.costs import strategy_costs
 from timm_asge.hub import create_model_checked
 from train import (
-    accuracy_on, check_config, describe_hardware, eval_batches, git_commit, load_config, load_split, run_command,
-    split_label_names, write_json,
+    accuracy_on, check_config, check_img_size, describe_hardware, eval_batches, git_commit, load_config, load_split,
+    run_command, split_label_names, write_json,
 )
 
 SCRIPT = 'recipes/validate.py'
@@ -59,9 +59,7 @@ def check_input(model, data_cfg: Dict[str, Any], source: str) -> None:
         raise SystemExit(f"error: {source} reads {model.in_chans}-channel images but data.channels="
                          f"{data_cfg['channels']}; set data.channels={model.in_chans} (use the config of the dataset "
                          f"the model was trained on)")
-    if data_cfg['img_size'] < model.min_input_size:
-        raise SystemExit(f"error: data.img_size={data_cfg['img_size']} is too small for {source}: it needs at least "
-                         f'{model.min_input_size}x{model.min_input_size}; raise data.img_size')
+    check_img_size(model, data_cfg['img_size'], source, remedy='raise data.img_size')
 
 
 def check_classes(model, data_cfg: Dict[str, Any], names: List[str], source: str) -> List[str]:
