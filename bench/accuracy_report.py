@@ -27,11 +27,14 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from timm_asge.fileio import atomic_path
 
 from cpu_throughput import environment, write_record  # bench/ is on sys.path when run as a script
+
+if TYPE_CHECKING:  # matplotlib is only needed for --plot, and imported there
+    import matplotlib.figure
 
 REPO = Path(__file__).resolve().parents[1]
 # Published ASGE test accuracy (%) and the targets on our data copies (CIFAR-10: JPEG copy, 3.3 points less).

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import timm_asge  # noqa: F401  (registers the asge_* models)
 from timm_asge.costs import strategy_costs
 from timm_asge.data import augment_batch, check_color_jitter, epoch_batches, find_columns, image_loader
-from timm_asge.data import label_names, load_dataset_split
+from timm_asge.data import SplitNotFoundError, label_names, load_dataset_split
 from timm_asge.data import load_tensors, num_batches, split_train_val, to_model_input
 from timm_asge.engine import LocalLearner, all_reduce_gradients, evaluate, param_groups, pick_best_block
 from timm_asge.fileio import atomic_path
@@ -294,6 +294,8 @@ class RecipeData:
             if data_cfg['in_memory']:
                 device = accelerator.device
                 self.train, self.val, self.test = self.train.to(device), self.val.to(device), self.test.to(device)
+        except SplitNotFoundError as err:
+            raise SystemExit(f'error: {err}. Set data.train_split / data.test_split in the config') from err
         except ValueError as err:
             raise SystemExit(f'error: {err}') from err
         self.sizes = {'train': len(self.train), 'validation': len(self.val), 'test': len(self.test)}

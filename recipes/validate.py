@@ -25,6 +25,7 @@ from accelerate import Accelerator
 import timm_asge  # registers the asge_* models
 from timm_asge.checkpoint import CheckpointError
 from timm_asge.costs import strategy_costs
+from timm_asge.data import SplitNotFoundError
 from timm_asge.hub import create_model_checked
 from train import (
     accuracy_on, check_config, check_img_size, describe_hardware, eval_batches, git_commit, load_config, load_split,
@@ -109,6 +110,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         with accelerator.main_process_first():
             data = load_split(data_cfg, split)
         names = split_label_names(data_cfg, data)
+    except SplitNotFoundError as err:
+        remedy = 'Pass one of them to --split' if args.split else 'Pass one of them to --split or set data.test_split'
+        raise SystemExit(f'error: {err}. {remedy}') from err
     except ValueError as err:
         raise SystemExit(f'error: {err}') from err
     for note in check_classes(model, data_cfg, names, source):

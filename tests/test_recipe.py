@@ -353,7 +353,8 @@ def test_dataset_errors(tmp_path):
         recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}'])
     with pytest.raises(SystemExit, match=r"no label column 'label'.*columns: \['picture', 'digit'\]"):
         recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}', 'data.label_column=label'])
-    with pytest.raises(SystemExit, match="has no split 'validation'"):
+    with pytest.raises(SystemExit, match=r"has no split 'validation'; it has \['test', 'train'\]. Set "
+                                         r"data.train_split / data.test_split in the config"):
         recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}',
                      'data.label_column=digit', 'data.test_split=validation'])
     with pytest.raises(SystemExit, match="folder './does/not/exist' does not exist"):

@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from .fileio import atomic_path
 
 __all__ = [
-    'ImageData', 'load_dataset_split', 'find_columns', 'decode_images', 'load_tensors', 'split_train_val',
-    'epoch_batches', 'augment_batch', 'check_color_jitter', 'to_model_input', 'default_cache_dir', 'image_transform',
-    'image_loader', 'label_names',
+    'ImageData', 'SplitNotFoundError', 'load_dataset_split', 'find_columns', 'decode_images', 'load_tensors',
+    'split_train_val', 'epoch_batches', 'augment_batch', 'check_color_jitter', 'to_model_input', 'default_cache_dir',
+    'image_transform', 'image_loader', 'label_names',
 ]
 
 def default_cache_dir() -> Path:
@@ -34,6 +34,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get('TIMM_ASGE_CACHE', Path.home() / '.cache' / 'timm_asge'))
 # Label columns tried in order when a dataset has several ClassLabel features (CIFAR-100: fine before coarse).
 _LABEL_PREFERENCE = ('label', 'fine_label', 'labels', 'target')
+
+
+class SplitNotFoundError(ValueError):
+    """A dataset has no split of the requested name; ``available`` lists the splits it has.
+
+    The message names both; callers add how their user picks a split (a config key, a command-line flag).
+    """
+
+    def __init__(self, source: str, split: str, available: Sequence[str]):
+        self.source, self.split, self.available = source, split, sorted(available)
+        super().__init__(f'dataset {source!r} has no split {split!r}; it has {self.available}')
 
 
 @dataclass
@@ -66,16 +77,17 @@ def _load_digits(split: str):
     # A fixed, seeded 80/20 train/test split of the 1,797 digits (scikit-learn ships no split).
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_test = len(labels) // 5
-    index = perm[n_test:] if split == 'train' else perm[:n_test]
     if split not in ('train', 'test'):
-        raise ValueError(f"the digits dataset has splits 'train' and 'test', not {split!r}")
+        raise SplitNotFoundError('digits', split, ['train', 'test'])
+    index = perm[n_test:] if split == 'train' else perm[:n_test]
     return images[index], labels[index], [str(i) for i in range(10)]
 
 
 def load_dataset_split(source: str, split: str, cache_dir: Optional[str] = None):
     """Load one split of a Hub id, a local parquet folder or an imagefolder as a ``datasets.Dataset``.
 
-    Raises a ValueError that says what to do when the split is missing or a Hub id cannot be reached (offline).
+    Raises a :class:`SplitNotFoundError` when the split is missing, and a ValueError that says what to do when a Hub id
+    cannot be reached (offline).
     """
     import datasets
 
@@ -97,8 +109,7 @@ def load_dataset_split(source: str, split: str, cache_dir: Optional[str] = None)
             f'the dataset elsewhere and pass its local folder instead (data.path=/path/to/folder, a folder of '
             f'<split>-*.parquet files as on the Hub or an imagefolder)') from err
     if split not in ds:
-        raise ValueError(f'dataset {source!r} has no split {split!r}; it has {sorted(ds)}. Set data.train_split / '
-                         f'data.test_split in the config')
+        raise SplitNotFoundError(source, split, list(ds))
     return ds[split]
 
 
