@@ -171,7 +171,10 @@ def load_config(path: Optional[str], overrides: List[str]) -> Dict[str, Any]:
         if not Path(path).is_file():
             raise SystemExit(f'error: no config file {path!r}; the benchmark configs are recipes/configs/*.yaml')
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = _read_yaml(f, where=f'config file {path!r}', remedy='fix the file') or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f'error: config file {path!r} holds a {type(loaded).__name__}, not a mapping of sections '
+                             f'(model:, data:, train:); see recipes/configs/*.yaml')
         _merge(config, loaded, where=path)
         config.setdefault('name', Path(path).stem)
         if config['name'] == DEFAULTS['name']:
@@ -185,12 +188,37 @@ def load_config(path: Optional[str], overrides: List[str]) -> Dict[str, Any]:
         *parents, leaf = key.split('.')
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _read_yaml(value, where=f'override {item!r}',
+                                remedy=f'for text, put YAML quotes inside the shell\'s: "{key}=\'{value}\'"')
         _merge(config, nested, where='the command line')
     # YAML reads a bare `no` as False.
     if config['train']['mixed_precision'] in (False, None):
         config['train']['mixed_precision'] = 'no'
     return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f'key {key!r} is given twice',
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(stream, where: str, remedy: str) -> Any:
+    try:
+        return yaml.load(stream, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, 'problem_mark', None)
+        at = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        raise SystemExit(f"error: {where} is not valid YAML ({getattr(err, 'problem', None) or err}{at}); {remedy}"
+                         ) from err
 
 
 def _merge(base: Dict[str, Any], new: Dict[str, Any], where: str, prefix: str = '') -> None:
@@ -299,6 +327,10 @@ class RecipeData:
         except ValueError as err:
             raise SystemExit(f'error: {err}') from err
         self.sizes = {'train': len(self.train), 'validation': len(self.val), 'test': len(self.test)}
+        per_process = math.ceil(self.sizes['train'] / accelerator.num_processes)
+        if self.train_cfg['batch_size'] > per_process:
+            accelerator.print(f"note: train.batch_size={self.train_cfg['batch_size']} is more than the {per_process} "
+                              f"training images of each process: every epoch is one step of {per_process} images")
         self.augment_gen = torch.Generator(device=accelerator.device)
         if not data_cfg['in_memory']:
             self.train_loader = accelerator.prepare(image_loader(
@@ -390,12 +422,21 @@ def evaluate_split(accelerator: Accelerator, model, data: RecipeData, split: str
 
 def build_model(config: Dict[str, Any], num_classes: int):
     data_cfg, model_cfg = config['data'], config['model']
+    name, asge_models = model_cfg['name'], ', '.join(timm.list_models('asge*'))
+    not_asge = (f"error: model.name={name!r} is not an ASGE model, and the recipe trains layer by layer only those: "
+                f"choose one of {asge_models}")
+    if not timm.is_model(name):
+        raise SystemExit(f'error: there is no model {name!r} in timm\'s registry; choose one of {asge_models}')
     try:
         model = timm.create_model(model_cfg['name'], num_classes=num_classes, in_chans=data_cfg['channels'],
                                   **model_cfg['args'])
     except (TypeError, ValueError, RuntimeError) as err:
-        raise SystemExit(f"error: cannot build model {model_cfg['name']!r} with model.args={model_cfg['args']}: "
-                         f"{err}. Available: {', '.join(timm.list_models('asge*'))}") from err
+        if not name.startswith('asge_'):  # another family's model refuses the ASGE arguments: say why it can't work
+            raise SystemExit(not_asge) from err
+        raise SystemExit(f"error: cannot build model {name!r} with model.args={model_cfg['args']}: {err}. "
+                         f"Available: {asge_models}") from err
+    if not isinstance(model, timm_asge.AsgeCnn):
+        raise SystemExit(not_asge)
     check_img_size(model, data_cfg['img_size'], model_cfg['name'])
     return model
 
@@ -702,7 +743,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                               project_dir=str(out), dynamo_plugin=dynamo_plugin,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SystemExit(f'error: cannot create output_dir {str(out)!r} ({err.strerror}); pass a writable '
+                             f'output_dir=<folder>') from err
     set_seed(train_cfg['seed'])
     data = RecipeData(config, accelerator)
     model = build_model(config, data.num_classes)

@@ -92,6 +92,10 @@ def test_digits_main_job(tmp_path):
     ('data.split_seed=1.5', r'data.split_seed=1.5 must be a whole number \(or null: train.seed\)'),
     ('train.min_lr=null', r'train.min_lr=None must be between 0 and train.lr=0.002'),
     ('train.sched_on_updates=epoch', "train.sched_on_updates='epoch'; use true .* or false"),
+    ('model.name=asge_cnnn', "there is no model 'asge_cnnn' in timm's registry; choose one of asge_cnn, asge_cnn_tiny"),
+    # resnet18 refuses digits.yaml's pool_type (without model.args it builds, and is refused as what it is: below).
+    ('model.name=resnet18', "model.name='resnet18' is not an ASGE model.*choose one of asge_cnn, asge_cnn_tiny"),
+    ('model.args.foo=1', "cannot build model 'asge_cnn_tiny' with model.args=.*unexpected keyword argument 'foo'"),
 ])
 def test_config_errors_stop_at_once(tmp_path, override, message):
     with pytest.raises(SystemExit, match=message):
@@ -102,6 +106,30 @@ def test_config_errors_stop_at_once(tmp_path, override, message):
             recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'model.name=asge_cnn', 'data.img_size=8'])
 
 
+def test_config_files_that_are_not_yaml_mappings_stop_with_where(tmp_path):
+    bad = {'broken.yaml': ('train: [1, 2\n',
+                           r"config file '.*broken.yaml' is not valid YAML \(.* at line 2, column 1\); fix the file"),
+           'list.yaml': ('- 1\n- 2\n', "holds a list, not a mapping of sections"),
+           # Plain YAML keeps the last of two equal keys: an edit that adds a second lr would silently win.
+           'twice.yaml': ('train:\n  lr: 1e-3\n  epochs: 2\n  lr: 2e-3\n',
+                          r"key 'lr' is given twice at line 4, column 3\); fix the file")}
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            recipe.load_config(str(tmp_path / name), [])
+    with pytest.raises(SystemExit, match=r"""override 'data.path=\[a' is not valid YAML.*"data.path='\[a'"$"""):
+        recipe.load_config(DIGITS, ['data.path=[a'])
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(SystemExit, match=r"cannot create output_dir '.*file/run' \(.*\); pass a writable output_dir"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/file/run'])
+
+
+def test_a_batch_larger_than_the_data_is_said(tmp_path, capsys):
+    recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'train.batch_size=5000', 'train.max_steps=1'])
+    assert ('note: train.batch_size=5000 is more than the 1294 training images of each process: every epoch is one '
+            'step of 1294 images') in capsys.readouterr().out
+
+
 def test_model_args_override_adds_to_the_config_file():
     # digits.yaml sets model.args {drop_rate: 0.1, pool_type: rms}; one more argument must not drop those two.
     config = recipe.load_config(DIGITS, ['model.args.head_init_scale=1e-1', 'model.args.drop_rate=0.2'])
@@ -109,6 +137,10 @@ def test_model_args_override_adds_to_the_config_file():
     assert config['model']['args'] == {'drop_rate': 0.2, 'pool_type': 'rms', 'head_init_scale': 0.1}
     with pytest.raises(SystemExit, match="config key 'model.args' in the command line must be a mapping"):
         recipe.load_config(DIGITS, ['model.args=3'])
+    config = recipe.load_config(DIGITS, ['model.name=resnet18'])
+    config['model']['args'] = {}
+    with pytest.raises(SystemExit, match="model.name='resnet18' is not an ASGE model"):
+        recipe.build_model(config, num_classes=10)
 
 
 def test_epoch_checkpoints_test_curve_and_step_clock(tmp_path, capsys, monkeypatch):
