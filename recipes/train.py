@@ -376,6 +376,8 @@ class RecipeData:
 def load_split(data_cfg: Dict[str, Any], split: str):
     """One split of the configured dataset: uint8 tensors (``data.in_memory``) or a ``datasets.Dataset`` to stream."""
     source = data_cfg['path'] or data_cfg['source']
+    if source == 'digits' and not data_cfg['in_memory']:
+        raise ValueError("the bundled 'digits' dataset is held in memory only; set data.in_memory=true")
     if data_cfg['in_memory']:
         return load_tensors(source, split, img_size=data_cfg['img_size'], channels=data_cfg['channels'],
                             cache_dir=data_cfg['cache_dir'], image_column=data_cfg['image_column'],

@@ -104,6 +104,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f'error: {source} is a {type(model).__name__}, not an ASGE model')
 
     check_input(model, data_cfg, source)
+    if args.out:  # before the evaluation, not after it
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SystemExit(f'error: cannot write --out {args.out} ({err.strerror}); pass a writable path') from err
 
     accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=train_cfg['mixed_precision'])
     try:

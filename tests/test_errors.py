@@ -14,6 +14,16 @@ def test_wrong_channel_count():
         LocalLearner(model)(torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
 
 
+def test_integer_images_say_how_to_convert():
+    model = timm.create_model('asge_cnn_tiny')
+    images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r'floating-point images, got torch.uint8.*images.float\(\) / 255'):
+        model(images)
+    with pytest.raises(ValueError, match='floating-point images, got torch.uint8'):
+        LocalLearner(model)(images, torch.zeros(2, dtype=torch.long))
+    assert model(images.float() / 255).shape == (2, 10)
+
+
 def test_image_too_small_for_the_depth():
     model = timm.create_model('asge_cnn')
     assert model.min_input_size == 16

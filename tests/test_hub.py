@@ -575,6 +575,11 @@ def test_export_never_deletes_other_files(exported, tmp_path, capsys):
     (tmp_path / 'file').write_text('x')
     with pytest.raises(hub.HubError, match='is a file, not a folder'):
         hub.export(run, tmp_path / 'file')
+    # A folder that cannot be made (under a file here; read-only or missing mounts alike) says so, naming the path.
+    with pytest.raises(hub.HubError, match=r'cannot create a folder at .*file/out \(.*\); pass a writable path'):
+        hub.export(run, tmp_path / 'file' / 'out')
+    with pytest.raises(hub.HubError, match='cannot create a folder at'):
+        hub.save_pretrained(_model(), tmp_path / 'file' / 'model')
 
 
 def test_writes_keep_permissions(exported, tmp_path):

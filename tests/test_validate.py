@@ -56,6 +56,8 @@ def test_folder_names_resolve_to_timm_names(tmp_path):
      r"dataset 'digits' has no split 'validation'; it has \['test', 'train'\]. Pass one of them to --split$"),
     ({}, ['data.test_split=validation'], r"no split 'validation'.*--split or set data.test_split$"),
     ({}, ['data.colour=1'], "unknown config key 'data.colour'"),
+    ({}, ['data.in_memory=false'], r"bundled 'digits' dataset is held in memory only; set data.in_memory=true"),
+    ({}, ['--out', '/dev/null/results.json'], r'cannot write --out /dev/null/results.json \(.*\); pass a writable'),
     ({}, ['train.eval_batch_size=0'], 'train.eval_batch_size=0 must be'),
     ({}, ['data.img_size=abc'], "data.img_size='abc' must be"),
     ({}, ['train.mixed_precision=fp8'], "train.mixed_precision='fp8' is not supported"),

@@ -113,12 +113,16 @@ def save_pretrained(
 
 @contextlib.contextmanager
 def _new_folder(directory: Union[str, Path], replaceable: Sequence[str]) -> Iterator[Path]:
-    """``atomic_dir``, refusing (as a HubError) to replace a folder that holds anything but an earlier export."""
-    try:
-        with atomic_dir(directory, replaceable) as tmp:
-            yield tmp
-    except FileExistsError as e:
-        raise HubError(str(e)) from None
+    """``atomic_dir``, refusing (as a HubError) to replace a folder that holds anything but an earlier export, or to
+    write where no folder can be made."""
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(atomic_dir(directory, replaceable))
+        except OSError as e:  # only what creating the folder raised: errors of the writing itself pass unchanged
+            if isinstance(e, FileExistsError) and e.errno is None:  # atomic_dir's own refusal, which says what to do
+                raise HubError(str(e)) from None
+            raise HubError(f'cannot create a folder at {directory} ({e.strerror or e}); pass a writable path') from e
+        yield tmp
 
 
 # --- checked loading -------------------------------------------------------------------------------------------------

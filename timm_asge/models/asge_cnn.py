@@ -362,6 +362,9 @@ class AsgeCnn(nn.Module):
         """Raise a ValueError naming the problem if ``x`` is not a batch of images this network can read."""
         if x.ndim != 4:
             raise ValueError(f'expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}')
+        if not x.is_floating_point():
+            raise ValueError(f'expected floating-point images, got {x.dtype}; convert them, e.g. images.float() / 255 '
+                             f'(timm_asge.data.to_model_input); the network RMS-normalises its input, so no mean/std')
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f'the model expects {self.in_chans}-channel images but got {x.shape[1]} channels (input shape '
