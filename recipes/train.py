@@ -336,7 +336,7 @@ class RecipeData:
             self.train_loader = accelerator.prepare(image_loader(
                 self.train, data_cfg['img_size'], data_cfg['channels'], self.train_cfg['batch_size'], train=True,
                 num_workers=data_cfg['num_workers'], image_column=data_cfg['image_column'],
-                label_column=data_cfg['label_column']))
+                label_column=data_cfg['label_column'], seed=self.train_cfg['seed']))
 
     @property
     def num_classes(self) -> int:

@@ -8,7 +8,8 @@ import torch
 
 from conftest import shared_dataset
 from timm_asge.data import (
-    ImageData, augment_batch, epoch_batches, epoch_indices, find_columns, load_tensors, num_batches, split_train_val)
+    ImageData, augment_batch, epoch_batches, epoch_indices, find_columns, image_loader, load_tensors, num_batches,
+    split_train_val)
 
 
 def test_find_columns_prefers_fine_label_and_names_missing_ones():
@@ -177,6 +178,36 @@ def test_local_parquet_decode_and_cache(tmp_path):
     assert torch.equal(cached.images, data.images) and cached.label_names == data.label_names
     grey = load_tensors(str(folder), 'train', img_size=12, channels=1, cache_dir=tmp_path / 'cache')
     assert grey.images.shape == (10, 1, 12, 12)
+
+
+def test_streamed_batches_depend_on_seed_and_epoch_only():
+    """Each image's crop and flip is seeded from (seed, epoch, image): the worker count and the global random state
+    change nothing, a new epoch gives a new order and new crops, and evaluation has no randomness."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (12, 12), dtype=np.uint8) for _ in range(12)]
+    ds = datasets.Dataset.from_dict({'image': images, 'label': list(range(12))},
+                                    features=datasets.Features({'image': datasets.Image(),
+                                                                'label': datasets.ClassLabel(num_classes=12)}))
+
+    def epoch(num_workers, epoch=0, train=True, seed=0):
+        loader = image_loader(ds, 8, 1, batch_size=4, train=train, num_workers=num_workers, seed=seed)
+        if train:
+            loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        return torch.cat([b['image'] for b in batches]), torch.cat([b['label'] for b in batches])
+
+    first, labels = epoch(0)
+    assert sorted(labels.tolist()) == list(range(12)) and labels.tolist() != list(range(12))
+    torch.manual_seed(123)  # the process's own random state is not the crops'
+    for again in (epoch(0), epoch(2)):
+        assert torch.equal(again[0], first) and torch.equal(again[1], labels)
+    second, second_labels = epoch(0, epoch=1)
+    assert second_labels.tolist() != labels.tolist()
+    by_label = {int(y): x for x, y in zip(first, labels)}
+    assert any(not torch.equal(x, by_label[int(y)]) for x, y in zip(second, second_labels))
+    assert not torch.equal(epoch(0, seed=1)[0], first)
+    test, test_labels = epoch(0, train=False)
+    assert test_labels.tolist() == list(range(12)) and torch.equal(epoch(2, train=False)[0], test)
 
 
 @pytest.mark.shared_data

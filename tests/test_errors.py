@@ -43,6 +43,25 @@ def test_labels_out_of_range():
         engine(torch.rand(2, 1, 16, 16), torch.tensor([-1, 1]))
 
 
+def test_labels_that_are_not_class_indices():
+    engine = LocalLearner(timm.create_model('asge_cnn_tiny'))
+    images = torch.rand(4, 1, 16, 16)
+    with pytest.raises(ValueError, match=r'integer tensor of shape \(B,\), got torch.float32 of shape \(4, 10\); '
+                                         r'pass labels.argmax\(1\)'):
+        engine(images, torch.eye(10)[:4])
+    with pytest.raises(ValueError, match=r'got torch.float32 of shape \(4,\); pass labels.long\(\)'):
+        engine(images, torch.zeros(4))
+    with pytest.raises(ValueError, match='3 labels for 4 images'):
+        engine(images, torch.zeros(3, dtype=torch.long))
+    # Narrower integer labels (uint8 from a tensor dataset, int32 from numpy) give the int64 result.
+    labels = torch.tensor([0, 3, 9, 1])
+    torch.manual_seed(0)
+    expected = engine(images, labels)['block_losses']
+    for dtype in (torch.uint8, torch.int32):
+        torch.manual_seed(0)
+        assert torch.equal(engine(images, labels.to(dtype))['block_losses'], expected)
+
+
 def test_unknown_names():
     with pytest.raises(ValueError, match=r"unknown pool_type 'max'; choose one of 'rms', 'avg'"):
         timm.create_model('asge_cnn_tiny', pool_type='max')

@@ -470,6 +470,32 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
 
 
+def test_streamed_data_resumes_mid_epoch_with_the_same_crops(tmp_path):
+    """DataLoader workers seed each image's crop and flip from (seed, epoch, image), so a run resumed mid-epoch,
+    whose batches land on other workers, ends with the uninterrupted run's weights."""
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20, 20), dtype=np.uint8) for _ in range(48)]
+    ds = datasets.Dataset.from_dict({'image': images, 'label': [i % 3 for i in range(48)]},
+                                    features=datasets.Features({'image': datasets.Image(),
+                                                                'label': datasets.ClassLabel(num_classes=3)}))
+    for split in ('train', 'test'):
+        ds.to_parquet(str(tmp_path / 'toy' / f'{split}-00000-of-00001.parquet'))
+    out = tmp_path / 'run'
+    args = ['--config', DIGITS, f'output_dir={out}', f'data.path={tmp_path / "toy"}', 'data.in_memory=false',
+            'data.val_size=8', 'data.num_workers=2', 'train.batch_size=8', 'train.epochs=2', 'train.checkpoint_every=3',
+            'train.keep_checkpoints=100']
+    recipe.main(args)  # 5 steps an epoch: step 3 is mid-way through the first
+    full = load_file(str(out / 'checkpoints' / 'step_00000010' / 'model.safetensors'))
+    recipe.main(args + ['--resume', str(out / 'checkpoints' / 'step_00000003')])
+    resumed = load_file(str(out / 'checkpoints' / 'step_00000010' / 'model.safetensors'))
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
 def test_two_cpu_processes_train_in_sync(tmp_path):
     """`accelerate launch` with 2 gloo processes: the ranks end with identical weights.
 

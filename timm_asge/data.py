@@ -476,15 +476,50 @@ class _ToMode:
         return image.convert(self.mode)
 
 
-class _BatchTransform:
-    """``with_transform`` callable: PIL images of a batch dict -> uint8 tensors, labels kept."""
+class _EpochSampler(torch.utils.data.Sampler):
+    """A seeded random order for each epoch whose indices carry the epoch too (``epoch * N + i``): each image's
+    augmentation is then seeded from (seed, epoch, image) alone, whichever worker decodes it and wherever a resumed run
+    starts. Epochs follow ``set_epoch``, which accelerate's prepared loader calls."""
 
-    def __init__(self, transform, image_column: str, label_column: str):
-        self.transform, self.image_column, self.label_column = transform, image_column, label_column
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
 
-    def __call__(self, batch: Dict[str, list]) -> Dict[str, list]:
-        return {'image': [self.transform(image) for image in batch[self.image_column]],
-                'label': batch[self.label_column]}
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter((order + self.epoch * self.num_samples).tolist())
+
+
+class _SeededImages(torch.utils.data.Dataset):
+    """A ``datasets.Dataset`` read in batches, its PIL images transformed under a seed per (epoch, image) key.
+
+    The transform's draws (torchvision's use the global torch generator) come from a forked generator, so neither
+    the process's own random state nor the order in which workers take batches changes them.
+    """
+
+    def __init__(self, dataset, transform, image_column: str, label_column: str, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.image_column, self.label_column = image_column, label_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> Dict[str, Any]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: List[int]) -> List[Dict[str, Any]]:
+        rows = self.dataset[[key % len(self.dataset) for key in keys]]  # one read of the batch's rows
+        samples = []
+        for key, image, label in zip(keys, rows[self.image_column], rows[self.label_column]):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + key)
+                samples.append({'image': self.transform(image), 'label': label})
+        return samples
 
 
 def image_transform(img_size: int, channels: int, train: bool, crop_pct: float = 0.875):
@@ -511,18 +546,25 @@ def image_loader(
         num_workers: int = 4,
         image_column: Optional[str] = None,
         label_column: Optional[str] = None,
+        seed: int = 0,
 ) -> torch.utils.data.DataLoader:
     """DataLoader over a ``datasets.Dataset`` too large to decode into memory (ImageNet): decoding and
     augmentation run in worker processes. Yields ``{'image': uint8 (B, C, H, W), 'label': int64 (B,)}``.
+
+    Training shuffles with ``seed`` (a new order each ``set_epoch``) and seeds every image's crop and flip from
+    (``seed``, epoch, image), so a run resumed mid-epoch draws what the uninterrupted run drew.
     """
     image_column, label_column = find_columns(dataset.features, image_column, label_column)
-    transform = _BatchTransform(image_transform(img_size, channels, train), image_column, label_column)
+    images = _SeededImages(dataset, image_transform(img_size, channels, train), image_column, label_column, seed)
     return torch.utils.data.DataLoader(
-        dataset.with_transform(transform),
+        images,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=_EpochSampler(len(dataset), seed) if train else None,
         drop_last=train,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # Its own generator for the workers' base seed, drawn at every epoch's start: from the global one, the draw of a
+        # resumed run's shortened first epoch would shift the dropout masks of every later step.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -26,13 +26,20 @@ __all__ = [
 MODES = ('fused', 'lean')
 
 
-def check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Raise a ValueError if a label lies outside ``[0, num_classes)``.
+def check_labels(labels: torch.Tensor, num_classes: int, batch_size: Optional[int] = None) -> None:
+    """Raise a ValueError if the labels are not one class index per image, or one lies outside ``[0, num_classes)``.
 
+    Shape and dtype are checked everywhere (they are static, also to ``torch.compile``); the values as follows.
     On the CPU the check is immediate. On an accelerator, and inside ``torch.compile``, it is an asynchronous device
     assert (no host sync or graph break in the training step) that fails later with a RuntimeError; the recipe also
     checks every label once, on the host, when it loads the data, with a clear message.
     """
+    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        remedy = 'pass labels.argmax(1) for one-hot or soft targets' if labels.ndim == 2 else 'pass labels.long()'
+        raise ValueError(f'labels must be class indices, an integer tensor of shape (B,), got {labels.dtype} of shape '
+                         f'{tuple(labels.shape)}; {remedy}')
+    if batch_size is not None and labels.shape[0] != batch_size:
+        raise ValueError(f'{labels.shape[0]} labels for {batch_size} images; pass one label per image')
     if labels.device.type == 'cpu' and not torch.compiler.is_compiling():
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
@@ -67,7 +74,8 @@ class LocalLearner(nn.Module):
         """
         model = self.model
         model.check_input(images)
-        check_labels(labels, model.num_classes)
+        check_labels(labels, model.num_classes, images.shape[0])
+        labels = labels.long()  # cross_entropy takes int64 class indices only; uint8 or int32 labels are common
         lean = self.mode == 'lean' and torch.is_grad_enabled()
         size = model.output_size(*images.shape[-2:])
         x = model.stem(images)
