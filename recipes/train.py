@@ -16,6 +16,7 @@ import difflib
 import json
 import math
 import os
+import pickle
 import platform
 import shlex
 import shutil
@@ -31,6 +32,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import DataLoaderConfiguration, DynamoBackend, TorchDynamoPlugin, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -789,6 +791,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 f'error: cannot resume from {ckpt}: it does not fit this run\'s model and optimizer ({err}). It was '
                 f'written by another config or an older timm-asge; resume with the same config and version, or train '
                 f'into a new output_dir') from None
+        except (SafetensorError, pickle.UnpicklingError, EOFError, OSError) as err:  # truncated, overwritten, missing
+            # torch's weights-only refusal suggests weights_only=False, which must not be followed for a bad file.
+            detail = 'a state file is not a readable torch file' if isinstance(err, pickle.UnpicklingError) else (
+                str(err).splitlines()[0] if str(err) else 'a file ends early')
+            raise SystemExit(
+                f'error: cannot resume from {ckpt}: the checkpoint is corrupt or incomplete ({detail}). Resume from '
+                f'an earlier one (--resume {ckpt.parent}/step_...) or train into a new output_dir') from None
         accelerator.print(f'resumed from {ckpt}: epoch {state.epoch + 1}, batch {state.batch}, step {state.step}')
     accelerator.init_trackers(config['name'], config=_flatten(config))
 

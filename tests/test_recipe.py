@@ -220,6 +220,20 @@ def test_resume_into_another_model_stops_with_a_message(tmp_path):
         recipe.main(args + ['model.args.fusion_start=2', '--resume'])
 
 
+@pytest.mark.parametrize('name, damage', [('model.safetensors', lambda b: b[:100]), ('optimizer.bin', lambda b: b''),
+                                           ('custom_checkpoint_0.pkl', lambda b: b'not a torch file')])
+def test_resume_from_a_corrupt_checkpoint_stops_with_a_message(tmp_path, name, damage):
+    """A truncated, emptied or overwritten checkpoint file is named as such, without torch's traceback."""
+    args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.max_steps=2']
+    recipe.main(args)
+    path = tmp_path / 'checkpoints' / 'step_00000002' / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(SystemExit, match=r'cannot resume from .*step_00000002: the checkpoint is corrupt or incomplete '
+                                         r'\(.+\)\. Resume from an earlier one .*or train into a new output_dir') as err:
+        recipe.main(args + ['--resume'])
+    assert 'weights_only' not in str(err.value)  # torch's advice to unpickle anyway is not passed on
+
+
 def test_resume_names_and_fresh_runs_into_a_used_output_dir(tmp_path, capsys):
     """--resume takes the latest checkpoint, a step folder or a run folder; a fresh run never mixes into old ones."""
     args = ['--config', DIGITS, f'output_dir={tmp_path / "run"}', 'train.max_steps=2']
