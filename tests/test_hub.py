@@ -424,6 +424,22 @@ def test_corrupt_weights_from_cache(exported, tmp_path, offline, no_unpickling):
         hub.create_model_checked(f'hf-hub:{REPO_ID}', cache_dir=cache)
 
 
+def test_plain_timm_names_the_corrupt_file(exported, tmp_path, offline, no_unpickling):
+    """timm's own loader says only 'Error while deserializing header': the model's builder names the file."""
+    _, _, out = exported
+    weights = out / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:100])
+    cache = tmp_path / 'hf_cache'
+    _prime_cache(cache, REPO_ID, out)
+    cached = cache / ('models--' + REPO_ID.replace('/', '--')) / 'snapshots' / COMMIT / 'model.safetensors'
+    for name, where in [(f'local-dir:{out}', weights), (f'hf-hub:{REPO_ID}', cached)]:
+        with pytest.raises(CheckpointError, match='corrupt or truncated') as info:
+            timm.create_model(name, pretrained=True, cache_dir=cache)
+        assert str(where) in str(info.value) and 'download it again' in str(info.value)
+    with pytest.raises(CheckpointError, match=f'{weights}.* is corrupt or truncated'):
+        timm.create_model('asge_cnn_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+
+
 def test_pickled_weights_are_refused(exported, no_unpickling):
     model, _, out = exported
     (out / 'model.safetensors').unlink()

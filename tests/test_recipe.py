@@ -228,8 +228,9 @@ def test_resume_from_a_corrupt_checkpoint_stops_with_a_message(tmp_path, name, d
     recipe.main(args)
     path = tmp_path / 'checkpoints' / 'step_00000002' / name
     path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(SystemExit, match=r'cannot resume from .*step_00000002: the checkpoint is corrupt or incomplete '
-                                         r'\(.+\)\. Resume from an earlier one .*or train into a new output_dir') as err:
+    with pytest.raises(SystemExit, match=r'cannot resume from .*step_00000002: the checkpoint is corrupt or '
+                                         r'incomplete \(.+\)\. Resume from an earlier one .*or train into a new '
+                                         r'output_dir') as err:
         recipe.main(args + ['--resume'])
     assert 'weights_only' not in str(err.value)  # torch's advice to unpickle anyway is not passed on
 

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
@@ -23,7 +24,7 @@ from timm.models import adapt_input_conv
 
 __all__ = [
     'CONFIG_NAME', 'WEIGHTS_NAME', 'UNSAFE_SUFFIXES', 'CheckpointError', 'read_config', 'check_architecture',
-    'read_safetensors', 'check_folder', 'checkpoint_filter_fn',
+    'read_safetensors', 'check_folder', 'checkpoint_filter_fn', 'corrupt_pretrained_error',
 ]
 
 CONFIG_NAME = 'config.json'
@@ -117,6 +118,34 @@ def _corrupt(path: Path, error: Exception) -> CheckpointError:
         f'{path} is corrupt or truncated ({error}). Delete it and download it again (for a Hub model, pass '
         f'force_download=True to huggingface_hub.hf_hub_download or clear the cache entry), or re-export it with '
         f'`python -m timm_asge.hub export`.')
+
+
+def corrupt_pretrained_error(variant: str, error: Exception, **kwargs) -> CheckpointError:
+    """The error for weights that timm's own loader (``timm.create_model(..., pretrained=True)``) could not read.
+
+    timm's loader says only ``Error while deserializing header``; this names the file: the local one, or the Hub
+    cache entry (``hf_hub_download`` keeps a damaged cached file until it is deleted or downloaded again).
+
+    Args:
+        variant: The architecture being built.
+        error: What safetensors raised.
+        **kwargs: The ``pretrained_cfg``, ``pretrained_cfg_overlay`` and ``cache_dir`` that timm passed to the model's
+            entrypoint.
+    """
+    cfg = timm.models.resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                             pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if cfg.file:  # a file, or a local-dir: folder (whose model.safetensors timm reads first)
+        path = Path(cfg.file)
+        return _corrupt(path / WEIGHTS_NAME if path.is_dir() else path, error)
+    if cfg.hf_hub_id:
+        repo_id, _, revision = cfg.hf_hub_id.partition('@')
+        filename = cfg.hf_hub_filename or WEIGHTS_NAME
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=kwargs.get('cache_dir'), revision=revision or None)
+        if isinstance(cached, str):
+            return _corrupt(Path(cached), error)
+        return CheckpointError(f'{filename} of {cfg.hf_hub_id} is corrupt or truncated ({error}); download it again '
+                               f'(huggingface_hub.hf_hub_download(..., force_download=True))')
+    return CheckpointError(f'the pretrained weights of {variant} are corrupt or truncated ({error})')
 
 
 def _check_safetensors(path: Path) -> None:
