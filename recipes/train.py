@@ -199,16 +199,25 @@ def load_config(path: Optional[str], overrides: List[str]) -> Dict[str, Any]:
     return config
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == 'tag:yaml.org,2002:merge':
+                continue  # `<<: *anchor` merges a mapping in, whose keys this mapping may override
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f'key {key!r} is given twice',
-                                                        key_node.start_mark)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                break
+            if duplicate:
+                raise _DuplicateKeyError(None, None, f'key {key!r} is given twice', key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -219,6 +228,8 @@ def _read_yaml(stream, where: str, remedy: str) -> Any:
     except yaml.YAMLError as err:
         mark = getattr(err, 'problem_mark', None)
         at = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        if isinstance(err, _DuplicateKeyError):
+            remedy = 'give each key once'
         raise SystemExit(f"error: {where} is not valid YAML ({getattr(err, 'problem', None) or err}{at}); {remedy}"
                          ) from err
 

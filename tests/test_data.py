@@ -206,8 +206,30 @@ def test_streamed_batches_depend_on_seed_and_epoch_only():
     by_label = {int(y): x for x, y in zip(first, labels)}
     assert any(not torch.equal(x, by_label[int(y)]) for x, y in zip(second, second_labels))
     assert not torch.equal(epoch(0, seed=1)[0], first)
+    # Seeds and epochs do not alias: seed 1's first epoch is not seed 0's second one.
+    assert epoch(0, seed=1)[1].tolist() != second_labels.tolist()
+    # A plain loop without set_epoch still gets a new order and new crops on each pass.
+    loader = image_loader(ds, 8, 1, batch_size=4, train=True, num_workers=0)
+    passes = [torch.cat([b['label'] for b in loader]) for _ in range(2)]
+    assert passes[0].tolist() == labels.tolist() and passes[1].tolist() == second_labels.tolist()
     test, test_labels = epoch(0, train=False)
     assert test_labels.tolist() == list(range(12)) and torch.equal(epoch(2, train=False)[0], test)
+
+
+def test_streamed_crops_leave_the_accelerators_random_state_alone(monkeypatch):
+    """With num_workers=0 the crops are drawn in the training process: only its CPU generator is borrowed (and given
+    back), never the GPU's, whose dropout draws a resumed run must repeat."""
+    def reseeds_the_gpu(*args):
+        raise AssertionError('the GPU generator was reseeded')
+    torch.manual_seed(5)
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', reseeds_the_gpu)
+    monkeypatch.setattr(torch.cuda, 'manual_seed', reseeds_the_gpu)
+    ds = datasets.Dataset.from_dict({'image': [np.zeros((12, 12), dtype=np.uint8)] * 4, 'label': [0, 1, 2, 3]},
+                                    features=datasets.Features({'image': datasets.Image(),
+                                                                'label': datasets.ClassLabel(num_classes=4)}))
+    state = torch.get_rng_state()
+    assert len(list(image_loader(ds, 8, 1, batch_size=2, train=True, num_workers=0))) == 2
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.shared_data

@@ -51,13 +51,21 @@ def test_labels_that_are_not_class_indices():
         engine(images, torch.eye(10)[:4])
     with pytest.raises(ValueError, match=r'got torch.float32 of shape \(4,\); pass labels.long\(\)'):
         engine(images, torch.zeros(4))
+    # A column of integer labels is reshaped, not argmax-ed (which would make every label 0).
+    for labels, shape in ((torch.tensor([[3], [1], [7], [2]]), r'\(4, 1\)'), (torch.tensor(3), r'\(\)')):
+        with pytest.raises(ValueError, match=rf'got torch.int64 of shape {shape}; pass labels.reshape\(-1\) if they '
+                                             r'hold one class index per image$'):
+            engine(images, labels)
     with pytest.raises(ValueError, match='3 labels for 4 images'):
         engine(images, torch.zeros(3, dtype=torch.long))
-    # Narrower integer labels (uint8 from a tensor dataset, int32 from numpy) give the int64 result.
+    with pytest.raises(ValueError, match=r'labels \[300\] lie outside \[0, 10\)'):
+        engine(images, torch.tensor([0, 300, 9, 1], dtype=torch.uint16))
+    # Other integer labels (uint8 from a tensor dataset, int32 from numpy, uint16 for many classes) give the int64
+    # result.
     labels = torch.tensor([0, 3, 9, 1])
     torch.manual_seed(0)
     expected = engine(images, labels)['block_losses']
-    for dtype in (torch.uint8, torch.int32):
+    for dtype in (torch.uint8, torch.int32, torch.uint16, torch.uint64):
         torch.manual_seed(0)
         assert torch.equal(engine(images, labels.to(dtype))['block_losses'], expected)
 

@@ -112,13 +112,22 @@ def test_config_files_that_are_not_yaml_mappings_stop_with_where(tmp_path):
            'list.yaml': ('- 1\n- 2\n', "holds a list, not a mapping of sections"),
            # Plain YAML keeps the last of two equal keys: an edit that adds a second lr would silently win.
            'twice.yaml': ('train:\n  lr: 1e-3\n  epochs: 2\n  lr: 2e-3\n',
-                          r"key 'lr' is given twice at line 4, column 3\); fix the file")}
+                          r"key 'lr' is given twice at line 4, column 3\); give each key once")}
     for name, (text, message) in bad.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(SystemExit, match=message):
             recipe.load_config(str(tmp_path / name), [])
     with pytest.raises(SystemExit, match=r"""override 'data.path=\[a' is not valid YAML.*"data.path='\[a'"$"""):
         recipe.load_config(DIGITS, ['data.path=[a'])
+    with pytest.raises(SystemExit, match=r"key 'lr' is given twice at line 1, column 9\); give each key once$"):
+        recipe.load_config(DIGITS, ['train={lr: 1, lr: 2}'])
+    # Valid YAML stays valid: a merge key (`<<:`) whose keys the mapping overrides, and an unhashable key is YAML's
+    # own error.
+    (tmp_path / 'merge.yaml').write_text('model:\n  args:\n    <<: {drop_rate: 0.1, pool_type: avg}\n    drop_rate: 0.2\n')
+    assert recipe.load_config(str(tmp_path / 'merge.yaml'), [])['model']['args'] == dict(drop_rate=0.2, pool_type='avg')
+    (tmp_path / 'unhashable.yaml').write_text('model:\n  ? [a, b]\n  : 1\n')
+    with pytest.raises(SystemExit, match=r'is not valid YAML \(found unhashable key at line 2, column 5\)'):
+        recipe.load_config(str(tmp_path / 'unhashable.yaml'), [])
     (tmp_path / 'file').write_text('')
     with pytest.raises(SystemExit, match=r"cannot create output_dir '.*file/run' \(.*\); pass a writable output_dir"):
         recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/file/run'])
@@ -502,13 +511,14 @@ def test_streamed_data_resumes_mid_epoch_with_the_same_crops(tmp_path):
     args = ['--config', DIGITS, f'output_dir={out}', f'data.path={tmp_path / "toy"}', 'data.in_memory=false',
             'data.val_size=8', 'data.num_workers=2', 'train.batch_size=8', 'train.epochs=2', 'train.checkpoint_every=3',
             'train.keep_checkpoints=100']
-    recipe.main(args)  # 5 steps an epoch: step 3 is mid-way through the first
+    recipe.main(args)  # 5 steps an epoch: step 3 is mid-way through the first, step 6 through the second
     full = load_file(str(out / 'checkpoints' / 'step_00000010' / 'model.safetensors'))
-    recipe.main(args + ['--resume', str(out / 'checkpoints' / 'step_00000003')])
-    resumed = load_file(str(out / 'checkpoints' / 'step_00000010' / 'model.safetensors'))
-    assert full.keys() == resumed.keys()
-    for key in full:
-        assert torch.equal(full[key], resumed[key]), key
+    for step in ('step_00000003', 'step_00000006'):
+        recipe.main(args + ['--resume', str(out / 'checkpoints' / step)])
+        resumed = load_file(str(out / 'checkpoints' / 'step_00000010' / 'model.safetensors'))
+        assert full.keys() == resumed.keys()
+        for key in full:
+            assert torch.equal(full[key], resumed[key]), (step, key)
 
 
 def test_two_cpu_processes_train_in_sync(tmp_path):

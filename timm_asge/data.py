@@ -479,7 +479,8 @@ class _ToMode:
 class _EpochSampler(torch.utils.data.Sampler):
     """A seeded random order for each epoch whose indices carry the epoch too (``epoch * N + i``): each image's
     augmentation is then seeded from (seed, epoch, image) alone, whichever worker decodes it and wherever a resumed run
-    starts. Epochs follow ``set_epoch``, which accelerate's prepared loader calls."""
+    starts. Epochs follow ``set_epoch`` (which accelerate's prepared loader calls before each pass); without it, each
+    pass is the next epoch."""
 
     def __init__(self, num_samples: int, seed: int):
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
@@ -491,8 +492,8 @@ class _EpochSampler(torch.utils.data.Sampler):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return iter((order + self.epoch * self.num_samples).tolist())
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return iter((epoch_indices(self.num_samples, epoch, self.seed) + epoch * self.num_samples).tolist())
 
 
 class _SeededImages(torch.utils.data.Dataset):
@@ -517,7 +518,9 @@ class _SeededImages(torch.utils.data.Dataset):
         samples = []
         for key, image, label in zip(keys, rows[self.image_column], rows[self.label_column]):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed * 1_000_003 + key)
+                # The CPU generator only (torch.manual_seed would reseed the GPU's too, which fork_rng(devices=[]) does
+                # not restore); the seed in the high bits, so no (seed, key) pair shares another's draws.
+                torch.default_generator.manual_seed((self.seed << 32) + key)
                 samples.append({'image': self.transform(image), 'label': label})
         return samples
 

@@ -34,12 +34,19 @@ def check_labels(labels: torch.Tensor, num_classes: int, batch_size: Optional[in
     assert (no host sync or graph break in the training step) that fails later with a RuntimeError; the recipe also
     checks every label once, on the host, when it loads the data, with a clear message.
     """
-    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        remedy = 'pass labels.argmax(1) for one-hot or soft targets' if labels.ndim == 2 else 'pass labels.long()'
+    integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
+    if labels.ndim != 1 or not integer:
+        if labels.ndim == 2 and labels.shape[1] > 1 and not integer:
+            remedy = 'pass labels.argmax(1) for one-hot or soft targets'
+        elif labels.ndim != 1:
+            remedy = 'pass labels.reshape(-1) if they hold one class index per image'
+        else:
+            remedy = 'pass labels.long() if they hold whole class numbers'
         raise ValueError(f'labels must be class indices, an integer tensor of shape (B,), got {labels.dtype} of shape '
                          f'{tuple(labels.shape)}; {remedy}')
     if batch_size is not None and labels.shape[0] != batch_size:
         raise ValueError(f'{labels.shape[0]} labels for {batch_size} images; pass one label per image')
+    labels = labels.long()  # min/max and comparisons exist for every integer dtype in int64 (not for uint16 on the CPU)
     if labels.device.type == 'cpu' and not torch.compiler.is_compiling():
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
             bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
