@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -32,7 +33,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import DataLoaderConfiguration, DynamoBackend, TorchDynamoPlugin, set_seed
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -611,6 +612,37 @@ def cudagraph_skips(device: torch.device, compile_mode: Any, since: int = 0) -> 
     return int(torch._dynamo.utils.counters['inductor']['cudagraph_skips']) - since
 
 
+def check_checkpoint_files(ckpt: Path, process_index: int) -> None:
+    """Stop, naming the file, if a checkpoint's files are missing or damaged, before accelerate reads them.
+
+    accelerate's own errors name no file, a truncated torch file reads as a shape error ("PytorchStreamReader
+    failed"), and unreadable random states are skipped silently. Each torch file is a zip archive whose CRCs are
+    checked here; nothing is unpickled.
+    """
+    files = [ckpt / 'model.safetensors', ckpt / 'optimizer.bin', *sorted(ckpt.glob('custom_checkpoint_*.pkl'))]
+    # Random states may be absent where a run resumes on more processes than wrote the checkpoint.
+    files += [path for path in [ckpt / f'random_states_{process_index}.pkl'] if path.exists()]
+    for path in files:
+        try:
+            if path.suffix == '.safetensors':
+                with safe_open(path, framework='pt'):
+                    pass
+            else:
+                with zipfile.ZipFile(path) as archive:
+                    if (member := archive.testzip()) is not None:
+                        raise zipfile.BadZipFile(f'{member} fails its checksum')
+            continue
+        except FileNotFoundError:
+            detail = 'it is missing'
+        except zipfile.BadZipFile as err:
+            detail = f'not a whole torch file: {err}'
+        except (SafetensorError, OSError, ValueError) as err:
+            detail = f'{err}' if str(err) else type(err).__name__
+        raise SystemExit(
+            f'error: cannot resume from {ckpt}: the checkpoint is corrupt or incomplete ({path.name}: {detail}). '
+            f'Resume from an earlier one (--resume {ckpt.parent}/step_...) or train into a new output_dir')
+
+
 def latest_checkpoint(out: Path) -> Optional[Path]:
     found = sorted((out / 'checkpoints').glob('step_*'))
     return found[-1] if found else None
@@ -795,6 +827,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     if resume_from is not None:
         ckpt = resume_from
+        check_checkpoint_files(ckpt, accelerator.process_index)
         try:
             accelerator.load_state(str(ckpt))
         except (ValueError, RuntimeError, KeyError) as err:  # shapes, parameter groups or state keys differ

@@ -229,19 +229,33 @@ def test_resume_into_another_model_stops_with_a_message(tmp_path):
         recipe.main(args + ['model.args.fusion_start=2', '--resume'])
 
 
-@pytest.mark.parametrize('name, damage', [('model.safetensors', lambda b: b[:100]), ('optimizer.bin', lambda b: b''),
-                                           ('custom_checkpoint_0.pkl', lambda b: b'not a torch file')])
+def _flip_middle_byte(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+
+@pytest.mark.parametrize('name, damage', [
+    ('model.safetensors', lambda b: b[:100]), ('model.safetensors', None), ('optimizer.bin', lambda b: b''),
+    # A half torch file would otherwise read as a shape error ("does not fit"); a flipped byte is found by its CRC.
+    ('optimizer.bin', lambda b: b[:len(b) // 2]), ('optimizer.bin', _flip_middle_byte),
+    ('custom_checkpoint_0.pkl', lambda b: b'not a torch file'),
+    # accelerate skips unreadable random states silently.
+    ('random_states_0.pkl', lambda b: b[:len(b) // 2]),
+])
 def test_resume_from_a_corrupt_checkpoint_stops_with_a_message(tmp_path, name, damage):
-    """A truncated, emptied or overwritten checkpoint file is named as such, without torch's traceback."""
+    """A truncated, emptied, overwritten or missing checkpoint file is named, without torch's traceback."""
     args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.max_steps=2']
     recipe.main(args)
     path = tmp_path / 'checkpoints' / 'step_00000002' / name
-    path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(SystemExit, match=r'cannot resume from .*step_00000002: the checkpoint is corrupt or '
-                                         r'incomplete \(.+\)\. Resume from an earlier one .*or train into a new '
-                                         r'output_dir') as err:
+    kept = path.read_bytes()
+    damaged = damage(kept) if damage else None
+    path.write_bytes(damaged) if damage else path.unlink()
+    with pytest.raises(SystemExit, match=rf'cannot resume from .*step_00000002: the checkpoint is corrupt or '
+                                         rf'incomplete \({name}: .+\)\. Resume from an earlier one .*or train into a '
+                                         rf'new output_dir') as err:
         recipe.main(args + ['--resume'])
     assert 'weights_only' not in str(err.value)  # torch's advice to unpickle anyway is not passed on
+    assert path.exists() is bool(damage) and (not damage or path.read_bytes() == damaged)  # left as it was
 
 
 def test_resume_names_and_fresh_runs_into_a_used_output_dir(tmp_path, capsys):
