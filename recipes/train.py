@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -342,7 +343,7 @@ class RecipeData:
             raise SystemExit(f'error: {err}') from err
         self.sizes = {'train': len(self.train), 'validation': len(self.val), 'test': len(self.test)}
         per_process = math.ceil(self.sizes['train'] / accelerator.num_processes)
-        if self.train_cfg['batch_size'] > per_process:
+        if self.train_cfg['batch_size'] > per_process and data_cfg['in_memory']:  # streamed: an error, below
             accelerator.print(f"note: train.batch_size={self.train_cfg['batch_size']} is more than the {per_process} "
                               f"training images of each process: every epoch is one step of {per_process} images")
         self.augment_gen = torch.Generator(device=accelerator.device)
@@ -441,7 +442,7 @@ def build_model(config: Dict[str, Any], num_classes: int):
     name, asge_models = model_cfg['name'], ', '.join(timm.list_models('asge*'))
     not_asge = (f"error: model.name={name!r} is not an ASGE model, and the recipe trains layer by layer only those: "
                 f"choose one of {asge_models}")
-    if not timm.is_model(name):
+    if not isinstance(name, str) or not timm.is_model(name):
         raise SystemExit(f'error: there is no model {name!r} in timm\'s registry; choose one of {asge_models}')
     try:
         model = timm.create_model(model_cfg['name'], num_classes=num_classes, in_chans=data_cfg['channels'],
@@ -792,9 +793,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if accelerator.is_main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()  # a folder that exists may still refuse files
         except OSError as err:
-            raise SystemExit(f'error: cannot create output_dir {str(out)!r} ({err.strerror}); pass a writable '
-                             f'output_dir=<folder>') from err
+            raise SystemExit(f'error: cannot create output_dir {str(out)!r} or write in it ({err.strerror}); pass a '
+                             f'writable output_dir=<folder>') from err
     set_seed(train_cfg['seed'])
     data = RecipeData(config, accelerator)
     model = build_model(config, data.num_classes)

@@ -16,6 +16,7 @@ its weights); it is never chosen on the split under test, and is reported as not
 """
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -105,8 +106,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     check_input(model, data_cfg, source)
     if args.out:  # before the evaluation, not after it
+        if Path(args.out).is_dir():
+            raise SystemExit(f'error: --out {args.out} is a folder; pass a file path such as '
+                             f'{Path(args.out) / "results.json"}')
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=Path(args.out).parent).close()
         except OSError as err:
             raise SystemExit(f'error: cannot write --out {args.out} ({err.strerror}); pass a writable path') from err
 

@@ -93,6 +93,7 @@ def test_digits_main_job(tmp_path):
     ('train.min_lr=null', r'train.min_lr=None must be between 0 and train.lr=0.002'),
     ('train.sched_on_updates=epoch', "train.sched_on_updates='epoch'; use true .* or false"),
     ('model.name=asge_cnnn', "there is no model 'asge_cnnn' in timm's registry; choose one of asge_cnn, asge_cnn_tiny"),
+    ('model.name=null', "there is no model None in timm's registry; choose one of asge_cnn"),
     # resnet18 refuses digits.yaml's pool_type (without model.args it builds, and is refused as what it is: below).
     ('model.name=resnet18', "model.name='resnet18' is not an ASGE model.*choose one of asge_cnn, asge_cnn_tiny"),
     ('model.args.foo=1', "cannot build model 'asge_cnn_tiny' with model.args=.*unexpected keyword argument 'foo'"),
@@ -129,8 +130,12 @@ def test_config_files_that_are_not_yaml_mappings_stop_with_where(tmp_path):
     with pytest.raises(SystemExit, match=r'is not valid YAML \(found unhashable key at line 2, column 5\)'):
         recipe.load_config(str(tmp_path / 'unhashable.yaml'), [])
     (tmp_path / 'file').write_text('')
-    with pytest.raises(SystemExit, match=r"cannot create output_dir '.*file/run' \(.*\); pass a writable output_dir"):
-        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/file/run'])
+    for out in (f'{tmp_path}/file/run', '/proc'):  # a file in the way; a folder that takes no files
+        if out.startswith('/proc') and not os.path.isdir('/proc'):
+            continue
+        with pytest.raises(SystemExit, match=rf"cannot create output_dir '{out}' or write in it \(.*\); pass a "
+                                             r"writable output_dir"):
+            recipe.main(['--config', DIGITS, f'output_dir={out}'])
 
 
 def test_a_batch_larger_than_the_data_is_said(tmp_path, capsys):

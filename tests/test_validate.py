@@ -1,5 +1,6 @@
 """recipes/validate.py: a saved model tested on a config's data, its figures and its refusals."""
 import json
+import os
 
 import pytest
 import timm
@@ -58,6 +59,10 @@ def test_folder_names_resolve_to_timm_names(tmp_path):
     ({}, ['data.colour=1'], "unknown config key 'data.colour'"),
     ({}, ['data.in_memory=false'], r"bundled 'digits' dataset is held in memory only; set data.in_memory=true"),
     ({}, ['--out', '/dev/null/results.json'], r'cannot write --out /dev/null/results.json \(.*\); pass a writable'),
+    ({}, ['--out', '/'], r'--out / is a folder; pass a file path such as /results.json$'),
+    # A folder that exists but takes no files (checked before evaluating, not after).
+    pytest.param({}, ['--out', '/proc/results.json'], r'cannot write --out /proc/results.json \(.*\); pass a writable',
+                 marks=pytest.mark.skipif(not os.path.isdir('/proc'), reason='needs /proc')),
     ({}, ['train.eval_batch_size=0'], 'train.eval_batch_size=0 must be'),
     ({}, ['data.img_size=abc'], "data.img_size='abc' must be"),
     ({}, ['train.mixed_precision=fp8'], "train.mixed_precision='fp8' is not supported"),
