@@ -520,7 +520,7 @@ class _SeededImages(torch.utils.data.Dataset):
             with torch.random.fork_rng(devices=[]):
                 # The CPU generator only (torch.manual_seed would reseed the GPU's too, which fork_rng(devices=[]) does
                 # not restore); the seed in the high bits, so no (seed, key) pair shares another's draws.
-                torch.default_generator.manual_seed((self.seed << 32) + key)
+                torch.default_generator.manual_seed(((self.seed % 2 ** 32) << 32) + key % 2 ** 32)
                 samples.append({'image': self.transform(image), 'label': label})
         return samples
 
