@@ -639,9 +639,12 @@ def check_checkpoint_files(ckpt: Path, process_index: int) -> None:
             detail = f'not a whole torch file: {err}'
         except (SafetensorError, OSError, ValueError) as err:
             detail = f'{err}' if str(err) else type(err).__name__
-        raise SystemExit(
-            f'error: cannot resume from {ckpt}: the checkpoint is corrupt or incomplete ({path.name}: {detail}). '
-            f'Resume from an earlier one (--resume {ckpt.parent}/step_...) or train into a new output_dir')
+        raise corrupt_checkpoint(ckpt, f'{path.name}: {detail}')
+
+
+def corrupt_checkpoint(ckpt: Path, detail: str) -> SystemExit:
+    return SystemExit(f'error: cannot resume from {ckpt}: the checkpoint is corrupt or incomplete ({detail}). Resume '
+                      f'from an earlier one (--resume {ckpt.parent}/step_...) or train into a new output_dir')
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
@@ -841,9 +844,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             # torch's weights-only refusal suggests weights_only=False, which must not be followed for a bad file.
             detail = 'a state file is not a readable torch file' if isinstance(err, pickle.UnpicklingError) else (
                 str(err).splitlines()[0] if str(err) else 'a file ends early')
-            raise SystemExit(
-                f'error: cannot resume from {ckpt}: the checkpoint is corrupt or incomplete ({detail}). Resume from '
-                f'an earlier one (--resume {ckpt.parent}/step_...) or train into a new output_dir') from None
+            raise corrupt_checkpoint(ckpt, detail) from None
         accelerator.print(f'resumed from {ckpt}: epoch {state.epoch + 1}, batch {state.batch}, step {state.step}')
     accelerator.init_trackers(config['name'], config=_flatten(config))
 
