@@ -124,7 +124,8 @@ def test_config_files_that_are_not_yaml_mappings_stop_with_where(tmp_path):
         recipe.load_config(DIGITS, ['train={lr: 1, lr: 2}'])
     # Valid YAML stays valid: a merge key (`<<:`) whose keys the mapping overrides, and an unhashable key is YAML's
     # own error.
-    (tmp_path / 'merge.yaml').write_text('model:\n  args:\n    <<: {drop_rate: 0.1, pool_type: avg}\n    drop_rate: 0.2\n')
+    merge = 'model:\n  args:\n    <<: {drop_rate: 0.1, pool_type: avg}\n    drop_rate: 0.2\n'
+    (tmp_path / 'merge.yaml').write_text(merge)
     assert recipe.load_config(str(tmp_path / 'merge.yaml'), [])['model']['args'] == dict(drop_rate=0.2, pool_type='avg')
     (tmp_path / 'unhashable.yaml').write_text('model:\n  ? [a, b]\n  : 1\n')
     with pytest.raises(SystemExit, match=r'is not valid YAML \(found unhashable key at line 2, column 5\)'):
