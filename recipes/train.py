@@ -613,14 +613,16 @@ def cudagraph_skips(device: torch.device, compile_mode: Any, since: int = 0) -> 
     return int(torch._dynamo.utils.counters['inductor']['cudagraph_skips']) - since
 
 
-def check_checkpoint_files(ckpt: Path, process_index: int) -> None:
+def check_checkpoint_files(ckpt: Path, process_index: int, num_custom: int) -> None:
     """Stop, naming the file, if a checkpoint's files are missing or damaged, before accelerate reads them.
 
     accelerate's own errors name no file, a truncated torch file reads as a shape error ("PytorchStreamReader
     failed"), and unreadable random states are skipped silently. Each torch file is a zip archive whose CRCs are
-    checked here; nothing is unpickled.
+    checked here; nothing is unpickled. ``num_custom`` is the number of objects registered for checkpointing (a
+    missing one would read as a checkpoint of another run).
     """
-    files = [ckpt / 'model.safetensors', ckpt / 'optimizer.bin', *sorted(ckpt.glob('custom_checkpoint_*.pkl'))]
+    files = [ckpt / 'model.safetensors', ckpt / 'optimizer.bin',
+             *(ckpt / f'custom_checkpoint_{i}.pkl' for i in range(num_custom))]
     # Random states may be absent where a run resumes on more processes than wrote the checkpoint.
     files += [path for path in [ckpt / f'random_states_{process_index}.pkl'] if path.exists()]
     for path in files:
@@ -635,8 +637,8 @@ def check_checkpoint_files(ckpt: Path, process_index: int) -> None:
             continue
         except FileNotFoundError:
             detail = 'it is missing'
-        except zipfile.BadZipFile as err:
-            detail = f'not a whole torch file: {err}'
+        except (zipfile.BadZipFile, EOFError) as err:  # EOFError: cut short inside a member
+            detail = f'not a whole torch file: {err or type(err).__name__}'
         except (SafetensorError, OSError, ValueError) as err:
             detail = f'{err}' if str(err) else type(err).__name__
         raise corrupt_checkpoint(ckpt, f'{path.name}: {detail}')
@@ -684,6 +686,9 @@ def check_config(config: Dict[str, Any]) -> None:
     if not isinstance(train_cfg['min_lr'], (int, float)) or not 0 <= train_cfg['min_lr'] <= train_cfg['lr']:
         raise SystemExit(f"error: train.min_lr={train_cfg['min_lr']!r} must be between 0 and "
                          f"train.lr={train_cfg['lr']!r} (where the cosine schedule ends)")
+    seed = train_cfg['seed']  # seeds python, numpy and torch (accelerate's set_seed): numpy takes [0, 2**32)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise SystemExit(f'error: train.seed={seed!r} must be a whole number from 0 to {2**32 - 1}')
     split_seed = config['data']['split_seed']
     if split_seed is not None and (isinstance(split_seed, bool) or not isinstance(split_seed, int)):
         raise SystemExit(f'error: data.split_seed={split_seed!r} must be a whole number (or null: train.seed)')
@@ -828,11 +833,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     else:
         engine, optimizer = accelerator.prepare(engine, optimizer)
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
+    checkpointed = [scheduler, state]
+    accelerator.register_for_checkpointing(*checkpointed)
 
     if resume_from is not None:
         ckpt = resume_from
-        check_checkpoint_files(ckpt, accelerator.process_index)
+        check_checkpoint_files(ckpt, accelerator.process_index, len(checkpointed))
         try:
             accelerator.load_state(str(ckpt))
         except (ValueError, RuntimeError, KeyError) as err:  # shapes, parameter groups or state keys differ

@@ -49,6 +49,11 @@ def test_labels_that_are_not_class_indices():
     with pytest.raises(ValueError, match=r'integer tensor of shape \(B,\), got torch.float32 of shape \(4, 10\); '
                                          r'pass labels.argmax\(1\)'):
         engine(images, torch.eye(10)[:4])
+    # Integer one-hot labels (torch.nn.functional.one_hot) are argmax-ed too: reshaping would give B x C labels.
+    with pytest.raises(ValueError, match=r'got torch.int64 of shape \(4, 10\); pass labels.argmax\(1\)'):
+        engine(images, torch.nn.functional.one_hot(torch.arange(4), 10))
+    with pytest.raises(ValueError, match=r'got torch.int64 of shape \(4, 2, 5\); pass one class index per image$'):
+        engine(images, torch.zeros(4, 2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r'got torch.float32 of shape \(4,\); pass labels.long\(\)'):
         engine(images, torch.zeros(4))
     # A column of integer labels is reshaped, not argmax-ed (which would make every label 0).

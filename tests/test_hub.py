@@ -438,6 +438,15 @@ def test_plain_timm_names_the_corrupt_file(exported, tmp_path, offline, no_unpic
         assert str(where) in str(info.value) and 'download it again' in str(info.value)
     with pytest.raises(CheckpointError, match=f'{weights}.* is corrupt or truncated'):
         timm.create_model('asge_cnn_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+    # A config naming a .bin file on the Hub: timm reads its safetensors alternative, which is the file named.
+    with pytest.raises(CheckpointError, match='corrupt or truncated') as info:
+        timm.create_model('asge_cnn_tiny', pretrained=True, cache_dir=cache,
+                          pretrained_cfg_overlay=dict(hf_hub_id=REPO_ID, hf_hub_filename='pytorch_model.bin'))
+    assert str(cached) in str(info.value)
+    # A folder without model.safetensors: timm reads its first *.safetensors.
+    renamed = weights.rename(out / 'ema.safetensors')
+    with pytest.raises(CheckpointError, match=f'{renamed}.* is corrupt or truncated'):
+        timm.create_model(f'local-dir:{out}', pretrained=True)
 
 
 def test_pickled_weights_are_refused(exported, no_unpickling):

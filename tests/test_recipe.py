@@ -90,6 +90,8 @@ def test_digits_main_job(tmp_path):
     ('train.lr=0', 'train.lr=0.0 must be a positive number'),
     ('train.min_lr=1', r'train.min_lr=1.0 must be between 0 and train.lr=0.002'),
     ('data.split_seed=1.5', r'data.split_seed=1.5 must be a whole number \(or null: train.seed\)'),
+    ('train.seed=-1', 'train.seed=-1 must be a whole number from 0 to 4294967295'),
+    ('train.seed=4294967296', 'train.seed=4294967296 must be a whole number from 0 to 4294967295'),
     ('train.min_lr=null', r'train.min_lr=None must be between 0 and train.lr=0.002'),
     ('train.sched_on_updates=epoch', "train.sched_on_updates='epoch'; use true .* or false"),
     ('model.name=asge_cnnn', "there is no model 'asge_cnnn' in timm's registry; choose one of asge_cnn, asge_cnn_tiny"),
@@ -245,6 +247,8 @@ def _flip_middle_byte(data: bytes) -> bytes:
     # A half torch file would otherwise read as a shape error ("does not fit"); a flipped byte is found by its CRC.
     ('optimizer.bin', lambda b: b[:len(b) // 2]), ('optimizer.bin', _flip_middle_byte),
     ('custom_checkpoint_0.pkl', lambda b: b'not a torch file'),
+    # Missing, the training state would otherwise read as a checkpoint of another run ("does not fit").
+    ('custom_checkpoint_1.pkl', None),
     # accelerate skips unreadable random states silently.
     ('random_states_0.pkl', lambda b: b[:len(b) // 2]),
 ])

@@ -134,18 +134,33 @@ def corrupt_pretrained_error(variant: str, error: Exception, **kwargs) -> Checkp
     """
     cfg = timm.models.resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                              pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    if cfg.file:  # a file, or a local-dir: folder (whose model.safetensors timm reads first)
+    # The source in timm's order (timm.models._builder._resolve_pretrained_source): an `hf-hub:` name, a `local-dir:`
+    # folder, a file override, the Hub id of the default config.
+    if cfg.file and cfg.source != 'hf-hub':
         path = Path(cfg.file)
-        return _corrupt(path / WEIGHTS_NAME if path.is_dir() else path, error)
+        if path.is_dir():  # timm reads model.safetensors first, else the first *.safetensors (this error is theirs)
+            read = [path / WEIGHTS_NAME] if (path / WEIGHTS_NAME).exists() else sorted(path.glob('*.safetensors'))
+            path = read[0] if read else path / WEIGHTS_NAME
+        return _corrupt(path, error)
     if cfg.hf_hub_id:
         repo_id, _, revision = cfg.hf_hub_id.partition('@')
-        filename = cfg.hf_hub_filename or WEIGHTS_NAME
+        filename = _hub_safetensors_name(cfg.hf_hub_filename)
         cached = try_to_load_from_cache(repo_id, filename, cache_dir=kwargs.get('cache_dir'), revision=revision or None)
         if isinstance(cached, str):
             return _corrupt(Path(cached), error)
         return CheckpointError(f'{filename} of {cfg.hf_hub_id} is corrupt or truncated ({error}); download it again '
                                f'(huggingface_hub.hf_hub_download(..., force_download=True))')
     return CheckpointError(f'the pretrained weights of {variant} are corrupt or truncated ({error})')
+
+
+def _hub_safetensors_name(filename: Optional[str]) -> str:
+    # The file timm's load_state_dict_from_hf reads for a config's hf_hub_filename (default pytorch_model.bin): the
+    # name itself if it is safetensors, else its safetensors alternative (timm.models._hub._get_safe_alternatives).
+    filename = filename or 'pytorch_model.bin'
+    if filename.endswith('.safetensors'):
+        return filename
+    known = {'pytorch_model.bin': WEIGHTS_NAME, 'open_clip_pytorch_model.bin': 'open_clip_model.safetensors'}
+    return known.get(filename, filename.removesuffix('.bin') + '.safetensors')
 
 
 def _check_safetensors(path: Path) -> None:
