@@ -613,7 +613,7 @@ def cudagraph_skips(device: torch.device, compile_mode: Any, since: int = 0) -> 
     return int(torch._dynamo.utils.counters['inductor']['cudagraph_skips']) - since
 
 
-def check_checkpoint_files(ckpt: Path, process_index: int, num_custom: int) -> None:
+def check_checkpoint_files(ckpt: Path, num_custom: int) -> None:
     """Stop, naming the file, if a checkpoint's files are missing or damaged, before accelerate reads them.
 
     accelerate's own errors name no file, a truncated torch file reads as a shape error ("PytorchStreamReader
@@ -623,8 +623,9 @@ def check_checkpoint_files(ckpt: Path, process_index: int, num_custom: int) -> N
     """
     files = [ckpt / 'model.safetensors', ckpt / 'optimizer.bin',
              *(ckpt / f'custom_checkpoint_{i}.pkl' for i in range(num_custom))]
-    # Random states may be absent where a run resumes on more processes than wrote the checkpoint.
-    files += [path for path in [ckpt / f'random_states_{process_index}.pkl'] if path.exists()]
+    # Every process checks every process's random states (small files), so all stop alike, before any collective
+    # call (else the others die on a closed connection). They may be absent where more processes resume than wrote.
+    files += sorted(ckpt.glob('random_states_*.pkl'))
     for path in files:
         try:
             if path.suffix == '.safetensors':
@@ -838,7 +839,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     if resume_from is not None:
         ckpt = resume_from
-        check_checkpoint_files(ckpt, accelerator.process_index, len(checkpointed))
+        check_checkpoint_files(ckpt, len(checkpointed))
         try:
             accelerator.load_state(str(ckpt))
         except (ValueError, RuntimeError, KeyError) as err:  # shapes, parameter groups or state keys differ

@@ -249,14 +249,16 @@ def _flip_middle_byte(data: bytes) -> bytes:
     ('custom_checkpoint_0.pkl', lambda b: b'not a torch file'),
     # Missing, the training state would otherwise read as a checkpoint of another run ("does not fit").
     ('custom_checkpoint_1.pkl', None),
-    # accelerate skips unreadable random states silently.
-    ('random_states_0.pkl', lambda b: b[:len(b) // 2]),
+    # accelerate skips unreadable random states silently. Every process checks every rank's, so all stop alike.
+    ('random_states_0.pkl', lambda b: b[:len(b) // 2]), ('random_states_1.pkl', lambda b: b[:len(b) // 2]),
 ])
 def test_resume_from_a_corrupt_checkpoint_stops_with_a_message(tmp_path, name, damage):
     """A truncated, emptied, overwritten or missing checkpoint file is named, without torch's traceback."""
     args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.max_steps=2']
     recipe.main(args)
     path = tmp_path / 'checkpoints' / 'step_00000002' / name
+    if name == 'random_states_1.pkl':  # as a 2-process run writes it
+        path.write_bytes(path.with_name('random_states_0.pkl').read_bytes())
     kept = path.read_bytes()
     damaged = damage(kept) if damage else None
     path.write_bytes(damaged) if damage else path.unlink()
