@@ -639,7 +639,7 @@ def check_checkpoint_files(ckpt: Path, num_custom: int) -> None:
         except FileNotFoundError:
             detail = 'it is missing'
         except (zipfile.BadZipFile, EOFError) as err:  # EOFError: cut short inside a member
-            detail = f'not a whole torch file: {err or type(err).__name__}'
+            detail = f'not a whole torch file: {str(err) or type(err).__name__}'
         except (SafetensorError, OSError, ValueError) as err:
             detail = f'{err}' if str(err) else type(err).__name__
         raise corrupt_checkpoint(ckpt, f'{path.name}: {detail}')
