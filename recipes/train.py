@@ -112,14 +112,18 @@ DEFAULTS: Dict[str, Any] = {
     },
 }
 
-# Whole-number settings: (key, smallest allowed value, whether null is allowed). Checked before anything loads, so a
-# typo stops the run at once instead of after minutes of decoding or training.
+# Whole-number settings: (key, smallest and largest allowed value (None: no limit), whether null is allowed). Checked
+# before anything loads, so a typo stops the run at once instead of after minutes of decoding or training.
 WHOLE_NUMBERS = (
-    ('train.epochs', 1, False), ('train.max_steps', 1, True), ('train.stop_after_epochs', 1, True),
-    ('train.batch_size', 1, False), ('train.eval_batch_size', 1, False), ('train.log_every', 1, False),
-    ('train.checkpoint_every', 0, False), ('train.checkpoint_epochs', 1, False), ('train.keep_checkpoints', 1, False),
-    ('train.profile_steps', 0, False), ('data.img_size', 1, False), ('data.channels', 1, False),
-    ('data.crop_padding', 0, False), ('data.num_workers', 0, False),
+    ('train.epochs', 1, None, False), ('train.max_steps', 1, None, True), ('train.stop_after_epochs', 1, None, True),
+    ('train.batch_size', 1, None, False), ('train.eval_batch_size', 1, None, False),
+    ('train.log_every', 1, None, False),
+    ('train.checkpoint_every', 0, None, False), ('train.checkpoint_epochs', 1, None, False),
+    ('train.keep_checkpoints', 1, None, False), ('train.profile_steps', 0, None, False),
+    ('data.img_size', 1, None, False), ('data.channels', 1, None, False), ('data.crop_padding', 0, None, False),
+    ('data.num_workers', 0, None, False),
+    # Seeds python, numpy and torch (accelerate's set_seed); numpy takes [0, 2**32).
+    ('train.seed', 0, 2**32 - 1, False),
 )
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')  # the modes that wrap compiled graphs in CUDA graphs
@@ -687,9 +691,6 @@ def check_config(config: Dict[str, Any]) -> None:
     if not isinstance(train_cfg['min_lr'], (int, float)) or not 0 <= train_cfg['min_lr'] <= train_cfg['lr']:
         raise SystemExit(f"error: train.min_lr={train_cfg['min_lr']!r} must be between 0 and "
                          f"train.lr={train_cfg['lr']!r} (where the cosine schedule ends)")
-    seed = train_cfg['seed']  # seeds python, numpy and torch (accelerate's set_seed): numpy takes [0, 2**32)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise SystemExit(f'error: train.seed={seed!r} must be a whole number from 0 to {2**32 - 1}')
     split_seed = config['data']['split_seed']
     if split_seed is not None and (isinstance(split_seed, bool) or not isinstance(split_seed, int)):
         raise SystemExit(f'error: data.split_seed={split_seed!r} must be a whole number (or null: train.seed)')
@@ -712,13 +713,15 @@ def check_config(config: Dict[str, Any]) -> None:
 
 def check_whole_numbers(config: Dict[str, Any]) -> None:
     """Stop with a message naming the first setting of ``WHOLE_NUMBERS`` that is not a whole number in range."""
-    for key, least, nullable in WHOLE_NUMBERS:
+    for key, least, most, nullable in WHOLE_NUMBERS:
         section, name = key.split('.')
         value = config[section][name]
         if value is None and nullable:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise SystemExit(f'error: {key}={value!r} must be a whole number, at least {least}'
+        too_large = most is not None and isinstance(value, int) and value > most
+        if isinstance(value, bool) or not isinstance(value, int) or value < least or too_large:
+            bound = f', at least {least}' if most is None else f' from {least} to {most}'
+            raise SystemExit(f'error: {key}={value!r} must be a whole number{bound}'
                              + (' (or null)' if nullable else ''))
 
 

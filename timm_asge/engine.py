@@ -38,12 +38,12 @@ def check_labels(labels: torch.Tensor, num_classes: int, batch_size: Optional[in
     if labels.ndim != 1 or not integer:
         if labels.ndim == 2 and labels.shape[1] > 1:  # one-hot (integer or float) or soft targets
             remedy = 'pass labels.argmax(1) for one-hot or soft targets'
-        elif labels.ndim != 1 and labels.numel() == (labels.shape[0] if labels.ndim else 1):  # (B, 1), (B, 1, 1), ()
-            remedy = 'pass labels.reshape(-1) if they hold one class index per image'
-        elif labels.ndim != 1:
-            remedy = 'pass one class index per image'
-        else:
+        elif labels.ndim == 1:
             remedy = 'pass labels.long() if they hold whole class numbers'
+        elif labels.numel() == (labels.shape[0] if labels.ndim else 1):  # (B, 1), (B, 1, 1), ()
+            remedy = 'pass labels.reshape(-1) if they hold one class index per image'
+        else:
+            remedy = 'pass one class index per image'
         raise ValueError(f'labels must be class indices, an integer tensor of shape (B,), got {labels.dtype} of shape '
                          f'{tuple(labels.shape)}; {remedy}')
     if batch_size is not None and labels.shape[0] != batch_size:
