@@ -1030,7 +1030,13 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
            skips_before: int = 0) -> Dict[str, Any]:
     """Reload the best-validation weights, choose `best`, test every strategy, write results and the export."""
     model.load_state_dict(load_file(str(out / 'best' / 'model.safetensors')))
-    val_acc = evaluate_split(accelerator, model, data, 'validation')
+    # The best epoch's own validation figures, measured on these weights when they were saved: evaluating again
+    # would cost a pass over the validation split (as long as an epoch's training on a GPU) to get the same numbers.
+    best = [r for r in state.history if r['epoch'] == state.best_epoch]
+    if best:
+        val_acc = torch.tensor(best[-1]['val_block_acc'] + [best[-1]['val_fusion_acc']], dtype=torch.float64)
+    else:
+        val_acc = evaluate_split(accelerator, model, data, 'validation')
     best_block = pick_best_block(val_acc[:-1].tolist())
     model.set_prediction(model.prediction, best_block=best_block)
     test_acc = evaluate_split(accelerator, model, data, 'test')

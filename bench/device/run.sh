@@ -44,8 +44,9 @@ if [ "$stage" = all ]; then
     done
   done
 fi
-# Set-up once a call: the stages run this script again for every training run and suite, and each import of torch
-# and the rest takes 2-10 s (the children inherit RUN_SH_READY and PYTHONPATH).
+# Set-up once a call: the stages run this script again for every training run and suite (the children inherit
+# RUN_SH_READY and PYTHONPATH). The versions come from the packages' metadata: importing timm (and with it torch and
+# torch._dynamo) would take 4-10 s; the card's name is in every run's log and in the suite's JSON.
 if [ -z "${RUN_SH_READY:-}" ]; then
   if [ -d device_data/whl ] && ! python3 -c 'import datasets' 2>/dev/null; then
     wheels=device_data/whl/pyarrow21
@@ -55,10 +56,9 @@ if [ -z "${RUN_SH_READY:-}" ]; then
       "$wheels"/*.whl || exit 1
   fi
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" RUN_SH_READY=1
-  python3 -c 'import torch, timm, accelerate, huggingface_hub, pyarrow
-print("torch", torch.__version__, "timm", timm.__version__,
-"accelerate", accelerate.__version__, "hub", huggingface_hub.__version__, "pyarrow", pyarrow.__version__,
-"cuda", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
+  python3 -c 'from importlib.metadata import version
+print(*(f"{name} {version(name)}" for name in ("torch", "timm", "accelerate", "huggingface_hub", "pyarrow",
+                                               "datasets")))' || exit 1
 fi
 case $stage in
   all)
