@@ -1030,13 +1030,9 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
            skips_before: int = 0) -> Dict[str, Any]:
     """Reload the best-validation weights, choose `best`, test every strategy, write results and the export."""
     model.load_state_dict(load_file(str(out / 'best' / 'model.safetensors')))
-    # The figures that made these weights the best, measured on them when they were saved: evaluating again would
-    # cost a pass over the validation split (as long as an epoch's training on a GPU) to get the same numbers. (An
-    # epoch cut short by max_steps and resumed has two records; the metric tells which one saved the weights.)
-    measured = [torch.tensor(r['val_block_acc'] + [r['val_fusion_acc']], dtype=torch.float64) for r in state.history
-                if r['epoch'] == state.best_epoch]
-    measured = [acc for acc in measured if _strategy_metric(acc, config['model']['prediction']) == state.best_metric]
-    val_acc = measured[0] if measured else evaluate_split(accelerator, model, data, 'validation')
+    # Evaluated again rather than read from the history: out/best lies outside the checkpoints, so after a resume
+    # from an earlier checkpoint it can hold weights that this run's history never measured.
+    val_acc = evaluate_split(accelerator, model, data, 'validation')
     best_block = pick_best_block(val_acc[:-1].tolist())
     model.set_prediction(model.prediction, best_block=best_block)
     test_acc = evaluate_split(accelerator, model, data, 'test')
