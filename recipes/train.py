@@ -44,7 +44,7 @@ from timm_asge.data import augment_batch, check_color_jitter, epoch_batches, fin
 from timm_asge.data import SplitNotFoundError, label_names, load_dataset_split
 from timm_asge.data import load_tensors, num_batches, split_train_val, to_model_input
 from timm_asge.engine import LocalLearner, all_reduce_gradients, evaluate, param_groups, pick_best_block
-from timm_asge.fileio import atomic_path
+from timm_asge.fileio import atomic_dir, atomic_path
 from timm_asge.hub import save_pretrained
 from timm_asge.models.asge_cnn import PREDICTIONS
 
@@ -563,6 +563,10 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, keep
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if (out / 'best').is_dir():
+            # out/best lies outside accelerate's state: the checkpoint keeps the best weights as of its step, so a
+            # resume from it cannot end with those of a later epoch that it never trains (see restore_best).
+            link_files(out / 'best', tmp / 'best')
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -570,6 +574,27 @@ def save_checkpoint(accelerator: Accelerator, out: Path, state: TrainState, keep
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return str(final)
+
+
+def link_files(src: Path, dst: Path) -> None:
+    """Hard-link every file of the folder ``src`` into the folder ``dst`` (a copy where links fail)."""
+    dst.mkdir(exist_ok=True)
+    for path in src.iterdir():
+        try:
+            os.link(path, dst / path.name)  # not a copy: out/best is replaced as a new folder, never written in place
+        except OSError:  # another file system, or one without links
+            shutil.copy2(path, dst / path.name)
+
+
+def restore_best(ckpt: Path, out: Path) -> None:
+    """Put the checkpoint's best weights (as of its step) back into ``out/best``.
+
+    Resumed from an earlier checkpoint, a run would otherwise end with the weights a later, abandoned epoch saved
+    there, reported under this run's best epoch. Checkpoints of earlier versions hold no ``best``: left as it is.
+    """
+    if (ckpt / 'best').is_dir():
+        with atomic_dir(out / 'best', replaceable=[p.name for p in (ckpt / 'best').iterdir()]) as tmp:
+            link_files(ckpt / 'best', tmp)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, lr: float, min_lr: float, total_steps: int,
@@ -629,7 +654,7 @@ def check_checkpoint_files(ckpt: Path, num_custom: int) -> None:
              *(ckpt / f'custom_checkpoint_{i}.pkl' for i in range(num_custom))]
     # Every process checks every process's random states (small files), so all stop alike, before any collective
     # call (else the others die on a closed connection). They may be absent where more processes resume than wrote.
-    files += sorted(ckpt.glob('random_states_*.pkl'))
+    files += sorted(ckpt.glob('random_states_*.pkl')) + sorted(ckpt.glob('best/*.safetensors'))
     for path in files:
         try:
             if path.suffix == '.safetensors':
@@ -855,6 +880,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             detail = 'a state file is not a readable torch file' if isinstance(err, pickle.UnpicklingError) else (
                 str(err).splitlines()[0] if str(err) else 'a file ends early')
             raise corrupt_checkpoint(ckpt, detail) from None
+        if accelerator.is_main_process:
+            restore_best(ckpt, out)
+        accelerator.wait_for_everyone()
         accelerator.print(f'resumed from {ckpt}: epoch {state.epoch + 1}, batch {state.batch}, step {state.step}')
     accelerator.init_trackers(config['name'], config=_flatten(config))
 

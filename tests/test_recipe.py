@@ -310,7 +310,7 @@ def test_resume_from_a_checkpoint_of_the_old_schedule_stops_with_a_message(tmp_p
 def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):
     """The first N epochs of a longer recipe train exactly as the full run's first N; --resume finishes the run."""
     args = ['--config', DIGITS, 'train.epochs=3']
-    full = recipe.main(args + [f'output_dir={tmp_path / "full"}'])
+    full = recipe.main(args + [f'output_dir={tmp_path / "full"}', 'train.keep_checkpoints=3'])
     first = recipe.main(args + [f'output_dir={tmp_path / "part"}', 'train.stop_after_epochs=1'])
     assert first['epochs'] == 1 and [h['epoch'] for h in first['history']] == [0]
     # A schedule squeezed into one epoch would already differ here (lr 2e-3 -> 1e-5 instead of the first third).
@@ -322,6 +322,18 @@ def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):
         assert got['train_fusion_acc'] == want['train_fusion_acc']
         assert got['val_block_acc'] == want['val_block_acc']
     assert rest['test_accuracy'] == full['test_accuracy']
+
+    # Resumed from an earlier checkpoint and stopped before the full run's best epoch (3), a run ends with the best
+    # weights of its own two epochs, which the checkpoint kept: not the full run's epoch-3 weights left in best/.
+    assert full['best_epoch'] == 3
+    best_of_two = load_file(str(tmp_path / 'full' / 'checkpoints' / 'step_00000042' / 'best' / 'model.safetensors'))
+    again = recipe.main(args + [f'output_dir={tmp_path / "full"}', 'train.stop_after_epochs=2', '--resume',
+                                str(tmp_path / 'full' / 'checkpoints' / 'step_00000021')])
+    assert again['best_epoch'] <= 2
+    assert [h['val_block_acc'] for h in again['history']] == [h['val_block_acc'] for h in full['history'][:2]]
+    restored = load_file(str(tmp_path / 'full' / 'best' / 'model.safetensors'))
+    assert all(torch.equal(restored[k], best_of_two[k]) for k in best_of_two)
+    assert again['test_accuracy'] != full['test_accuracy']
 
 
 def test_cosine_schedule_is_the_authors_per_epoch_cosine_for_every_group():
