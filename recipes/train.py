@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import timm_asge  # noqa: F401  (registers the asge_* models)
+from timm_asge.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from timm_asge.costs import strategy_costs
 from timm_asge.data import augment_batch, check_color_jitter, epoch_batches, find_columns, image_loader
 from timm_asge.data import SplitNotFoundError, label_names, load_dataset_split
@@ -130,6 +131,7 @@ CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')  # the modes that wrap com
 # Drawing block_accuracy.png takes 0.2-0.6 s on a CPU, as long as a whole epoch of the digits job or of FashionMNIST
 # on a GPU, so mid-run it is redrawn at most this often; the run's last epoch always draws it.
 PLOT_INTERVAL_S = 60.0
+BEST_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # what save_pretrained writes into out/best (and each checkpoint keeps)
 
 
 class JsonlTracker(GeneralTracker):
@@ -586,15 +588,27 @@ def link_files(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def restore_best(ckpt: Path, out: Path) -> None:
-    """Put the checkpoint's best weights (as of its step) back into ``out/best``.
+def restore_best(accelerator: Accelerator, ckpt: Path, out: Path, state: TrainState) -> None:
+    """Put the checkpoint's best-validation model (as of its step) back into ``out/best``, on every process alike.
 
     Resumed from an earlier checkpoint, a run would otherwise end with the weights a later, abandoned epoch saved
-    there, reported under this run's best epoch. Checkpoints of earlier versions hold no ``best``: left as it is.
+    there, reported under this run's best epoch.
     """
-    if (ckpt / 'best').is_dir():
-        with atomic_dir(out / 'best', replaceable=[p.name for p in (ckpt / 'best').iterdir()]) as tmp:
-            link_files(ckpt / 'best', tmp)
+    saved, best = ckpt / 'best', out / 'best'
+    if not saved.is_dir():
+        if best.is_dir() and state.best_epoch >= 0:  # (before the first epoch's end there is no best to keep)
+            accelerator.print(f'warning: {ckpt} was written by an earlier timm-asge, whose checkpoints do not keep the '
+                              f'best model: {best} is left as it is, and may hold a later epoch\'s weights than this '
+                              f'run reaches')
+        return
+    foreign = sorted(p.name for p in best.iterdir() if p.name not in BEST_FILES) if best.is_dir() else []
+    if foreign:  # checked by every process, so all stop alike
+        raise SystemExit(f'error: {best} holds {", ".join(foreign)}, which putting back the best model of {ckpt} '
+                         f'would delete; move them out of {best} and resume again')
+    if accelerator.is_main_process:
+        with atomic_dir(best, BEST_FILES) as tmp:
+            link_files(saved, tmp)
+    accelerator.wait_for_everyone()
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, lr: float, min_lr: float, total_steps: int,
@@ -654,12 +668,16 @@ def check_checkpoint_files(ckpt: Path, num_custom: int) -> None:
              *(ckpt / f'custom_checkpoint_{i}.pkl' for i in range(num_custom))]
     # Every process checks every process's random states (small files), so all stop alike, before any collective
     # call (else the others die on a closed connection). They may be absent where more processes resume than wrote.
-    files += sorted(ckpt.glob('random_states_*.pkl')) + sorted(ckpt.glob('best/*.safetensors'))
+    files += sorted(ckpt.glob('random_states_*.pkl'))
+    if (ckpt / 'best').is_dir():  # put back into out/best on resume (see restore_best)
+        files += [ckpt / 'best' / name for name in BEST_FILES]
     for path in files:
         try:
             if path.suffix == '.safetensors':
                 with safe_open(path, framework='pt'):
                     pass
+            elif path.suffix == '.json':
+                json.loads(path.read_text(encoding='utf-8'))
             else:
                 with zipfile.ZipFile(path) as archive:
                     if (member := archive.testzip()) is not None:
@@ -671,7 +689,7 @@ def check_checkpoint_files(ckpt: Path, num_custom: int) -> None:
             detail = f'not a whole torch file: {str(err) or type(err).__name__}'
         except (SafetensorError, OSError, ValueError) as err:
             detail = f'{err}' if str(err) else type(err).__name__
-        raise corrupt_checkpoint(ckpt, f'{path.name}: {detail}')
+        raise corrupt_checkpoint(ckpt, f'{path.relative_to(ckpt)}: {detail}')
 
 
 def corrupt_checkpoint(ckpt: Path, detail: str) -> SystemExit:
@@ -880,9 +898,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             detail = 'a state file is not a readable torch file' if isinstance(err, pickle.UnpicklingError) else (
                 str(err).splitlines()[0] if str(err) else 'a file ends early')
             raise corrupt_checkpoint(ckpt, detail) from None
-        if accelerator.is_main_process:
-            restore_best(ckpt, out)
-        accelerator.wait_for_everyone()
+        restore_best(accelerator, ckpt, out, state)
         accelerator.print(f'resumed from {ckpt}: epoch {state.epoch + 1}, batch {state.batch}, step {state.step}')
     accelerator.init_trackers(config['name'], config=_flatten(config))
 

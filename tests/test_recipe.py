@@ -1,6 +1,7 @@
 """The training recipe end to end: the README's main job, config errors, NaN stop, kill + resume, 2 processes."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,6 +255,8 @@ def _flip_middle_byte(data: bytes) -> bytes:
     ('custom_checkpoint_1.pkl', None),
     # accelerate skips unreadable random states silently. Every process checks every rank's, so all stop alike.
     ('random_states_0.pkl', lambda b: b[:len(b) // 2]), ('random_states_1.pkl', lambda b: b[:len(b) // 2]),
+    # The best model as of the checkpoint, which a resume puts back into best/.
+    ('best/model.safetensors', None), ('best/config.json', lambda b: b[:10]),
 ])
 def test_resume_from_a_corrupt_checkpoint_stops_with_a_message(tmp_path, name, damage):
     """A truncated, emptied, overwritten or missing checkpoint file is named, without torch's traceback."""
@@ -323,17 +326,33 @@ def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):
         assert got['val_block_acc'] == want['val_block_acc']
     assert rest['test_accuracy'] == full['test_accuracy']
 
-    # Resumed from an earlier checkpoint and stopped before the full run's best epoch (3), a run ends with the best
-    # weights of its own two epochs, which the checkpoint kept: not the full run's epoch-3 weights left in best/.
+    # Resumed from the checkpoint of epoch 2 with nothing left to train, the run ends with the best model of its own
+    # two epochs, which that checkpoint kept, not with the full run's epoch-3 weights left in best/.
     assert full['best_epoch'] == 3
     best_of_two = load_file(str(tmp_path / 'full' / 'checkpoints' / 'step_00000042' / 'best' / 'model.safetensors'))
     again = recipe.main(args + [f'output_dir={tmp_path / "full"}', 'train.stop_after_epochs=2', '--resume',
-                                str(tmp_path / 'full' / 'checkpoints' / 'step_00000021')])
-    assert again['best_epoch'] <= 2
-    assert [h['val_block_acc'] for h in again['history']] == [h['val_block_acc'] for h in full['history'][:2]]
+                                str(tmp_path / 'full' / 'checkpoints' / 'step_00000042')])
+    assert again['best_epoch'] == 2 and again['history'] == full['history'][:2]
     restored = load_file(str(tmp_path / 'full' / 'best' / 'model.safetensors'))
-    assert all(torch.equal(restored[k], best_of_two[k]) for k in best_of_two)
+    assert restored.keys() == best_of_two.keys() and all(torch.equal(restored[k], best_of_two[k]) for k in restored)
     assert again['test_accuracy'] != full['test_accuracy']
+
+
+def test_resume_puts_back_the_best_model_only_where_it_loses_nothing(tmp_path, capsys):
+    """A foreign file in best/ stops the resume before it is deleted; a checkpoint of an earlier timm-asge (no best/
+    kept) leaves best/ as it is, with a warning."""
+    args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.max_steps=2']
+    recipe.main(args)
+    (tmp_path / 'best' / 'notes.txt').write_text('mine')
+    with pytest.raises(SystemExit, match=r'best holds notes.txt, which putting back the best model of .*step_00000002 '
+                                         r'would delete; move them out of .*best and resume again'):
+        recipe.main(args[:-1] + ['train.max_steps=3', '--resume'])
+    assert (tmp_path / 'best' / 'notes.txt').read_text() == 'mine'
+    (tmp_path / 'best' / 'notes.txt').unlink()
+    shutil.rmtree(tmp_path / 'checkpoints' / 'step_00000002' / 'best')
+    capsys.readouterr()
+    assert recipe.main(args[:-1] + ['train.max_steps=3', '--resume'])['steps'] == 3
+    assert 'written by an earlier timm-asge, whose checkpoints do not keep the best model' in capsys.readouterr().out
 
 
 def test_cosine_schedule_is_the_authors_per_epoch_cosine_for_every_group():
