@@ -1074,8 +1074,8 @@ def finish(accelerator, config, args, out: Path, model, state: TrainState, data:
            skips_before: int = 0) -> Dict[str, Any]:
     """Reload the best-validation weights, choose `best`, test every strategy, write results and the export."""
     model.load_state_dict(load_file(str(out / 'best' / 'model.safetensors')))
-    # Evaluated again rather than read from the history: out/best lies outside the checkpoints, so after a resume
-    # from an earlier checkpoint it can hold weights that this run's history never measured.
+    # Evaluated again rather than read from the history: resumed from a checkpoint of an earlier timm-asge (no best/
+    # kept, see restore_best), out/best can hold weights that this run's history never measured.
     val_acc = evaluate_split(accelerator, model, data, 'validation')
     best_block = pick_best_block(val_acc[:-1].tolist())
     model.set_prediction(model.prediction, best_block=best_block)
