@@ -5,6 +5,7 @@
 #   bench/device/run.sh suite                          # gpu_suite.py: throughput, peak memory, FLOP use, profile
 #   bench/device/run.sh suite --compile --batch-sizes 512 1024 --no-profile
 #   bench/device/run.sh train fashion_mnist [key=value ...]   # recipe on device_data/fashion_mnist, fast settings
+#   bench/device/run.sh sweep bench/device/sweep.txt  # the runs listed in the file, side by side
 #
 # Writes what comes back into $OUT (flat: the device tool returns at most 8 files, two folders deep): the suite's
 # JSON, and per training run its log, results.json (history with per-epoch step time and test accuracy) and plot;
@@ -17,7 +18,7 @@ mkdir -p "$OUT"
 export TIMM_ASGE_COMMIT=${TIMM_ASGE_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 [ -n "$TIMM_ASGE_COMMIT" ] || echo "warning: no commit known; set TIMM_ASGE_COMMIT=<hash> in the command" >&2
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TIMM_ASGE_CACHE=/tmp/timm_asge_cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-stage=${1:?usage: run.sh all | suite [gpu_suite args] | train DATASET [key=value ...]}
+stage=${1:?usage: run.sh all | suite [gpu_suite args] | train DATASET [key=value ...] | sweep RUNS_FILE}
 shift
 # A mistyped STAGES stops here, before the set-up's seconds of imports.
 stages=${STAGES:-suite train:fashion_mnist train:cifar10 train:mnist suite:compile recipe:fashion_mnist}
@@ -202,6 +203,21 @@ case $stage in
     (cd "$OUT" && find . -maxdepth 1 -type f ! -name '*.tar.part-*' ! -name all.tar -printf '%P\n' |
       tar -cf all.tar -T - --remove-files)
     ;;
+  sweep)
+    # sweep RUNS_FILE: every line of RUNS_FILE (NAME DATASET key=value ..., or NAME suite [gpu_suite args]) runs side
+    # by side with the others until all end or BUDGET_S does; then their files go into $OUT/sweep.tar.
+    budget=${BUDGET_S:-400}
+    mkdir -p /tmp/sweep
+    while read -r name what args; do
+      [[ -z $name || $name == \#* ]] && continue
+      if [ "$what" = suite ]; then run=(bash "$0" suite --out "$OUT/$name.json" $args); else
+        run=(env RUN_NAME="$name" bash "$0" train "$what" $args); fi
+      (timeout --kill-after=10 "$budget" "${run[@]}" > "/tmp/sweep/$name.out" 2>&1; echo "$name: exit $?") &
+    done < "${1:?usage: run.sh sweep RUNS_FILE}"
+    wait
+    (cd "$OUT" && find . -maxdepth 1 -type f ! -name '*.tar' ! -name '*.tar.part-*' -printf '%P\n' |
+      tar -cf sweep.tar -T - --remove-files)
+    ;;
   suite)
     python3 bench/gpu_suite.py --out "$OUT/gpu_suite$(printf '%s' "$*" | tr -c 'a-z0-9' '_' | cut -c1-40).json" "$@"
     ;;
@@ -227,7 +243,7 @@ case $stage in
     fi
     ;;
   *)
-    echo "unknown stage $stage: use suite or train" >&2
+    echo "unknown stage $stage: use all, suite, train or sweep" >&2
     exit 2
     ;;
 esac
