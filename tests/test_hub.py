@@ -18,7 +18,8 @@ import timm
 import timm_asge  # noqa: F401  (registers the models)
 from timm_asge import hub
 from timm_asge.checkpoint import CheckpointError, checkpoint_filter_fn
-from timm_asge.models.asge_cnn import MNIST_LABELS
+
+MNIST_LABELS = tuple(str(i) for i in range(10))
 
 ROOT = Path(__file__).resolve().parent.parent
 CARDS = ROOT / 'hub_cards'

@@ -323,18 +323,11 @@ class AsgeCnn(nn.Module):
     @property
     def min_input_size(self) -> int:
         """Smallest image side every block can read: each map at least its grid, and 2 wherever it is pooled."""
-        size = 1
-        while any(side < max(grid, 2 if down else 1) for side, grid, down in zip(
-                self._map_sides(size), self.grids, self.downsample)):
-            size += 1
+        size, scale = 1, 1
+        for grid, down in zip(self.grids, self.downsample):
+            size = max(size, max(grid, 2 if down else 1) * scale)
+            scale *= 2 if down else 1
         return size
-
-    def _map_sides(self, side: int) -> List[int]:
-        sides = []
-        for down in self.downsample:
-            sides.append(side)
-            side = side // 2 if down else side
-        return sides
 
     def check_input_size(self, input_size: Sequence[int]) -> None:
         """Raise a ValueError if images of ``input_size`` (C, H, W) have the wrong channels or are too small."""
@@ -575,34 +568,14 @@ def _cfg(url: str = '', num_blocks: int = 7, **kwargs) -> Dict[str, Any]:
     }
 
 
+# The Hub organisation of published checkpoints. A name gets a tag and an hf_hub_id here only once its weights are
+# published, so timm.list_models(pretrained=True) is true; until then there are no tags.
 HF_ORG = 'timm-asge'
-_GREY = dict(input_size=(1, 32, 32), mean=(0.0,), std=(1.0,))
-MNIST_LABELS = tuple(str(i) for i in range(10))
-FASHION_MNIST_LABELS = (
-    'T - shirt / top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
-CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-CIFAR100_LABELS = (
-    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle', 'bottle', 'bowl', 'boy',
-    'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock',
-    'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin', 'elephant', 'flatfish', 'forest',
-    'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion', 'lizard',
-    'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse', 'mushroom', 'oak_tree', 'orange', 'orchid',
-    'otter', 'palm_tree', 'pear', 'pickup_truck', 'pine_tree', 'plain', 'plate', 'poppy', 'porcupine', 'possum',
-    'rabbit', 'raccoon', 'ray', 'road', 'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper',
-    'snail', 'snake', 'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank', 'telephone',
-    'television', 'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf',
-    'woman', 'worm')
 
-# A tag gets an hf_hub_id once its weights are published; until then timm.list_models(pretrained=True) lists none,
-# and the tags only carry each dataset's input size and label names.
 default_cfgs = generate_default_cfgs({
-    'asge_cnn_tiny.digits': _cfg(
-        num_blocks=4, input_size=(1, 16, 16), pool_size=(4, 4), mean=(0.0,), std=(1.0,), label_names=MNIST_LABELS),
-    # The first tag is the default: CIFAR-10, so a plain `create_model('asge_cnn')` takes RGB input.
-    'asge_cnn.cifar10': _cfg(label_names=CIFAR10_LABELS),
-    'asge_cnn.mnist': _cfg(label_names=MNIST_LABELS, **_GREY),
-    'asge_cnn.fashion_mnist': _cfg(label_names=FASHION_MNIST_LABELS, **_GREY),
-    'asge_vgg11.cifar100': _cfg(num_blocks=10, num_classes=100, label_names=CIFAR100_LABELS),
+    'asge_cnn_tiny': _cfg(num_blocks=4, input_size=(1, 16, 16), pool_size=(4, 4), mean=(0.0,), std=(1.0,)),
+    'asge_cnn': _cfg(),
+    'asge_vgg11': _cfg(num_blocks=10),
     'asge_vgg11_w64': _cfg(
         num_blocks=8, num_classes=1000, input_size=(3, 224, 224), pool_size=(14, 14), crop_pct=0.875,
         interpolation='bicubic'),
