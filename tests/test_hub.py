@@ -18,7 +18,8 @@ import timm
 import timm_asge  # noqa: F401  (registers the models)
 from timm_asge import hub
 from timm_asge.checkpoint import CheckpointError, checkpoint_filter_fn
-from timm_asge.models.asge_cnn import MNIST_LABELS
+
+MNIST_LABELS = tuple(str(i) for i in range(10))
 
 ROOT = Path(__file__).resolve().parent.parent
 CARDS = ROOT / 'hub_cards'
@@ -49,7 +50,7 @@ def _make_run(root: Path, model, dataset_hub_id=None, name='digits') -> Path:
         'config_file': 'recipes/configs/digits.yaml',
         'command': 'accelerate launch recipes/train.py --config recipes/configs/digits.yaml',
         'commit': 'deadbeef', 'hardware': '2 CPU cores (test)', 'epochs': 40, 'train_time_s': 61.25,
-        'best_epoch': 37, 'best_block': model.best_index if model.best_index is not None else 2,
+        'best_epoch': 37, 'best_block': model.best_block if model.best_block is not None else 2,
         'prediction': model.prediction, 'test_accuracy': dict(ACCURACY), 'strategies': strategies,
     }
     (run / 'results.json').write_text(json.dumps(results))
@@ -141,7 +142,7 @@ def test_export_local_dir_bit_identical(tmp_path, x, prediction, best_block):
     assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     assert (out / 'model.safetensors').read_bytes() == (run / 'export' / 'model.safetensors').read_bytes()
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
-    assert loaded.prediction == prediction and loaded.best_index == model.best_index
+    assert loaded.prediction == prediction and loaded.best_block == model.best_block
     assert torch.equal(loaded(x), model(x))
     for strategy in ('fusion', 'last'):
         model.set_prediction(strategy)
@@ -194,7 +195,7 @@ def test_registry_name_from_primed_cache_offline(exported, tmp_path, x, offline)
 
     loaded = timm.create_model('asge_cnn_tiny.digits', pretrained=True, cache_dir=cache).eval()
     # A registry-name load uses the entrypoint's default strategy; the chosen block travels in the weights.
-    assert loaded.prediction == 'fusion' and loaded.best_index == 2
+    assert loaded.prediction == 'fusion' and loaded.best_block == 2
     model.set_prediction('fusion')
     assert torch.equal(loaded(x), model(x))
     loaded.set_prediction('best')
@@ -349,7 +350,7 @@ def test_load_into_other_num_classes(exported, x):
             assert torch.equal(block.conv.weight, model.stages[i].conv.weight)  # features kept
             assert block.proj.weight.shape == (model.stages[i].proj.in_features, 5)
             assert torch.equal(block.proj.weight, fresh.stages[i].proj.weight)  # fresh projection, same seed
-        assert adapted.prediction == 'best' and adapted.best_index == 2
+        assert adapted.prediction == 'best' and adapted.best_block == 2
 
 
 @torch.no_grad()

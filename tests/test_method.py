@@ -247,18 +247,45 @@ def test_best_runs_only_k_blocks():
     assert calls == [0, 1, 2, 3]
 
 
-def test_best_is_stored_in_config_and_checkpoint():
+def test_best_block_travels_in_the_architecture_args_not_the_weights():
+    """One source of truth: the constructor argument, which architecture_args (config.json) hands back."""
     model = _tiny()
     model.set_prediction('best', best_block=2)
-    assert model.architecture_args()['best_block'] == 2
-    restored = timm.create_model('asge_cnn_tiny', **{k: v for k, v in model.architecture_args().items()
-                                                    if k not in ('best_block', 'prediction')})
-    assert restored.best_index is None
+    args = model.architecture_args()
+    assert args['prediction'] == 'best' and args['best_block'] == 2
+    assert not any('best' in key for key in model.state_dict())
+    restored = timm.create_model('asge_cnn_tiny', **args)
     restored.load_state_dict(model.state_dict())
-    assert restored.best_index == 2
-    restored.set_prediction('best')
+    assert restored.prediction == 'best' and restored.read_block == 2
     x = torch.rand(2, 1, 16, 16)
     torch.testing.assert_close(restored.eval()(x), model.eval()(x))
+    # Loading weights leaves the choice alone; a negative index counts from the end.
+    fresh = timm.create_model('asge_cnn_tiny', prediction='best', best_block=-1)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.best_block == 3 and fresh.read_block == 3
+
+
+def test_backprop_mode_is_end_to_end_training_of_the_fusion_read_out():
+    """`backprop` gives the gradients of cross_entropy(model(x), y) with fusion; a gradient crosses the blocks."""
+    images, labels = _batch(16)
+    model = _tiny(drop_rate=0.0)
+    out = LocalLearner(model, 'backprop')(images, labels)
+    out['loss'].backward()
+    backprop = _grads(model)
+    torch.testing.assert_close(out['loss'], out['fusion_loss'])
+    assert out['block_losses'].shape == (4,) and not out['block_losses'].requires_grad
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(images), labels).backward()
+    reference = _grads(model)
+    assert backprop.keys() == reference.keys() == {n for n, _ in model.named_parameters()}
+    for name in reference:
+        torch.testing.assert_close(backprop[name], reference[name])
+    model.zero_grad(set_to_none=True)
+    LocalLearner(model, 'fused')(images, labels)['loss'].backward()
+    local = _grads(model)
+    for block in range(3):  # every block that feeds a later one gets a different gradient end to end
+        assert not torch.allclose(local[f'stages.{block}.conv.weight'], backprop[f'stages.{block}.conv.weight'])
+    torch.testing.assert_close(local['head.fc.weight'], backprop['head.fc.weight'])  # the read-out's own loss
 
 
 @pytest.mark.parametrize('size', [16, 19, 22])
@@ -274,30 +301,6 @@ def test_fusion_features_average_to_each_blocks_own_average(size):
             averages.append(h.mean(dim=(2, 3)))
     torch.testing.assert_close(pooled, torch.cat(averages, dim=1))
     torch.testing.assert_close(model(x), model.head.fc(torch.cat(averages, dim=1)))
-
-
-def test_requested_strategy_wins_over_the_loaded_weights(tmp_path):
-    """create_model's prediction/best_block apply after the weights load; 'best' alone reads the stored block."""
-    chosen, unchosen = _tiny(), _tiny()
-    chosen.set_prediction('fusion', best_block=1)
-    save_file(chosen.state_dict(), str(tmp_path / 'chosen.safetensors'))
-    save_file(unchosen.state_dict(), str(tmp_path / 'unchosen.safetensors'))
-
-    def load(name, **kwargs):
-        overlay = dict(file=str(tmp_path / f'{name}.safetensors'))
-        return timm.create_model('asge_cnn_tiny', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-
-    assert load('chosen', prediction='best').read_block == 1
-    assert load('chosen', prediction='best', best_block=2).read_block == 2
-    assert load('unchosen', prediction='best', best_block=2).read_block == 2
-    assert load('chosen').prediction == 'fusion' and load('chosen').best_index == 1
-    with pytest.raises(ValueError, match="'best' needs a chosen block"):
-        load('unchosen', prediction='best')
-    # Loading weights without a choice into a model set to `best` says so instead of switching strategy silently.
-    model = _tiny(best_block=3, prediction='best')
-    with pytest.raises(ValueError, match="no chosen block for prediction 'best'.*choose_best_block"):
-        model.load_state_dict(unchosen.state_dict())
-    assert model.prediction == 'fusion' and model.best_index is None
 
 
 def test_inference_path_is_differentiable():

@@ -21,7 +21,7 @@ def test_engine_example_learns_digits_with_every_strategy():
     torch.manual_seed(0)
     exec(compile(_code_after('### Train with the engine', 'python'), 'README.md', 'exec'), namespace)
     model, to_model_input = namespace['model'], namespace['to_model_input']
-    assert model.best_index is not None  # set by the example's choose_best_block on the validation images
+    assert model.best_block is not None  # set by the example's choose_best_block on the validation images
     test = load_tensors('digits', 'test', 16, 1)
     model.eval()
     accuracy = {}

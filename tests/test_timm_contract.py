@@ -18,12 +18,22 @@ def _input_size(name, model):
 def test_models_registered():
     assert {'asge_cnn', 'asge_cnn_tiny', 'asge_vgg11', 'asge_vgg11_w64'} <= set(MODELS)
     assert timm.list_models(module='asge_cnn') == MODELS
-    tagged = timm.list_models('asge*', pretrained=True)
-    assert {'asge_cnn.mnist', 'asge_cnn.fashion_mnist', 'asge_cnn.cifar10', 'asge_vgg11.cifar100'} <= set(tagged)
-    for tag in tagged:
-        cfg = timm.models.get_pretrained_cfg(tag)
-        assert cfg.hf_hub_id == f'timm-asge/{tag}'
-        assert len(cfg.label_names) == cfg.num_classes
+    # No checkpoint is published yet: no name may claim weights, and no tag exists.
+    assert timm.list_models('asge*', pretrained=True) == []
+    with pytest.raises(RuntimeError, match='tag'):
+        timm.create_model('asge_cnn.mnist')
+
+
+def test_unpublished_weights_say_where_to_load_from(tmp_path):
+    with pytest.raises(ValueError, match="no weights are published for 'asge_cnn'.*hf-hub:.*local-dir:"):
+        timm.create_model('asge_cnn', pretrained=True)
+    # An export written by timm's save_for_hf loads, weights and strategy included.
+    model = timm.create_model('asge_cnn_tiny', prediction='best', best_block=1).eval()
+    timm.models.save_for_hf(model, tmp_path, model_args=model.architecture_args(), safe_serialization=True)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert loaded.prediction == 'best' and loaded.best_block == 1
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(loaded(x), model(x))
 
 
 @pytest.mark.parametrize('name', MODELS)

@@ -8,6 +8,9 @@ Two modes give identical gradients:
     * ``fused``: the caller sums the losses and runs one backward (one all-reduce under DDP).
     * ``lean``: each block's backward runs right after its forward, inside ``forward``, so only one block's graph is
       alive at a time: the memory advantage of local learning. ``forward`` then returns detached losses.
+
+A third mode, ``backprop``, is the baseline the method is measured against: the same network trained end to end
+through the fusion read-out (block inputs not detached, only the read-out's loss back-propagated).
 """
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -23,7 +26,7 @@ __all__ = [
     'all_reduce_gradients',
 ]
 
-MODES = ('fused', 'lean')
+MODES = ('fused', 'lean', 'backprop')
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, batch_size: Optional[int] = None) -> None:
@@ -60,42 +63,51 @@ def check_labels(labels: torch.Tensor, num_classes: int, batch_size: Optional[in
 
 
 class LocalLearner(nn.Module):
-    """Training wrapper computing the ASGE local losses of an :class:`AsgeCnn`."""
+    """Training wrapper computing the losses of an :class:`AsgeCnn`: local ones, or end to end as a baseline."""
 
     def __init__(self, model: AsgeCnn, mode: str = 'fused'):
         """
         Args:
             model: The ASGE network to train.
-            mode: ``'fused'`` (sum the returned loss, one backward) or ``'lean'`` (per-block backward inside forward).
+            mode: ``'fused'`` (sum the returned loss, one backward), ``'lean'`` (per-block backward inside forward)
+                or ``'backprop'`` (the baseline: the same network trained end to end through the fusion read-out).
         """
         super().__init__()
         self.model = model
         self.mode = check_choice('engine mode', mode, MODES)
-        model.check_read_out()  # the engine trains the fusion read-out whatever the prediction strategy
+        self.checked = False
+        if not model.global_pool and model.num_classes:  # timm's head would fail inside its Linear
+            raise ValueError("global_pool='' leaves the fusion features unpooled, which the read-out cannot take; "
+                             "train with a pooling such as global_pool='avg'")
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Compute every local loss (and, in ``lean`` mode with grad enabled, its gradients).
+        """Compute every loss (and, in ``lean`` mode with grad enabled, its gradients).
 
         Returns:
-            ``loss``: sum of all local losses (call backward on it in ``fused`` mode; detached in ``lean`` mode);
-            ``block_losses``: (L,) detached per-block losses; ``fusion_loss``: detached read-out loss;
-            ``correct``: (L + 1,) correct predictions of every block's scores, then of the fusion read-out.
+            ``loss``: what to call backward on (``fused``: the sum of all local losses; ``backprop``: the fusion
+            read-out's loss; ``lean``: that sum, detached); ``block_losses``: (L,) detached per-block losses;
+            ``fusion_loss``: detached read-out loss; ``correct``: (L + 1,) correct predictions of every block's
+            scores, then of the fusion read-out.
         """
         model = self.model
-        model.check_input(images)
-        check_labels(labels, model.num_classes, images.shape[0])
+        if not self.checked:  # once: shapes and dtypes do not change between batches, and checks cost host syncs
+            model.check_input(images)
+            check_labels(labels, model.num_classes, images.shape[0])
+            self.checked = True
         labels = labels.long()  # cross_entropy takes int64 class indices only; uint8 or int32 labels are common
         lean = self.mode == 'lean' and torch.is_grad_enabled()
         size = model.output_size(*images.shape[-2:])
-        x = model.stem(images)
         losses, correct, fused = [], [], []
-        for i, block in enumerate(model.stages):
-            x, loss, block_correct = self._block_step(block, x, labels, lean)
+        for i, (y, scores, output) in enumerate(model.iter_blocks(images, local=self.mode != 'backprop', scores=True)):
+            del y  # only the scores and the output are needed: the map is freed before the next block runs
+            loss = F.cross_entropy(scores.float(), labels)
+            if lean:
+                loss.backward()
+            losses.append(loss.detach() if lean else loss)
+            correct.append((scores.detach().argmax(dim=1) == labels).sum())
             if i >= model.fusion_start:
-                fused.append(model.fusion_input(x, size))
-            losses.append(loss)
-            correct.append(block_correct)
-        # The read-out learns from detached block outputs: it never sends a gradient into the convolutions.
+                fused.append(model.fusion_input(output, size))
+        # In the local modes the read-out learns from detached block outputs: no gradient reaches the convolutions.
         fusion_logits = model.head(torch.cat(fused, dim=1))
         fusion_loss = F.cross_entropy(fusion_logits.float(), labels)
         if lean:
@@ -104,32 +116,11 @@ class LocalLearner(nn.Module):
         correct.append((fusion_logits.detach().argmax(dim=1) == labels).sum())
         block_losses = torch.stack(losses)
         return {
-            'loss': block_losses.sum() + fusion_loss,
+            'loss': fusion_loss if self.mode == 'backprop' else block_losses.sum() + fusion_loss,
             'block_losses': block_losses.detach(),
             'fusion_loss': fusion_loss.detach(),
             'correct': torch.stack(correct),
         }
-
-    @staticmethod
-    def _block_step(
-            block: nn.Module,
-            x: torch.Tensor,
-            labels: torch.Tensor,
-            lean: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One block's local loss (back-propagated at once if ``lean``), correct count and detached output.
-
-        A function of its own so the block's activation map is freed on return, before the next block runs.
-        """
-        y, scores = block.local_forward(x.detach())
-        loss = F.cross_entropy(scores.float(), labels)
-        if lean:
-            loss.backward()
-            loss = loss.detach()
-        # The next block reads a detached input, so the transition (pool, dropout, RMS norm) needs no graph.
-        with torch.no_grad():
-            out = block.transition(y)
-        return out, loss, (scores.detach().argmax(dim=1) == labels).sum()
 
 
 def param_groups(
@@ -202,8 +193,8 @@ def pick_best_block(block_accuracy: Sequence[float]) -> int:
 def choose_best_block(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[int, List[float]]:
     """Pick the block whose own scores are most accurate on ``batches`` (ties go to the earlier, cheaper block).
 
-    The choice is stored in the model (``best_block`` buffer and ``architecture_args()``); the active strategy is
-    left as it is. Returns the block index and every block's accuracy.
+    The choice is stored in the model (``model.best_block``, so also ``architecture_args()``); the active strategy
+    is left as it is. Returns the block index and every block's accuracy.
     """
     correct, total = evaluate(model, batches)
     accuracy = (correct[:-1].double() / total).tolist()

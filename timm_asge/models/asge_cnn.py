@@ -18,7 +18,7 @@ Prediction strategies (the paper's v2 names; definitions inferred from the autho
 Adapted for timm by the timm-asge authors from the method description and the authors' public code
 (KCL-KAI-Lab/ASGE).
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,13 +27,12 @@ from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import checkpoint_filter_fn, corrupt_pretrained_error
-from ..goodness import (
-    FixedProjection, RmsNorm, check_choice, grid_size, relu_spatial_goodness, rms_pool2d, spatial_goodness,
-)
+from ..goodness import FixedProjection, RmsNorm, check_choice, grid_size, relu_spatial_goodness, rms_pool2d, \
+    spatial_goodness
 
 __all__ = ['AsgeCnn', 'AsgeBlock', 'PREDICTIONS', 'POOL_TYPES']
 
@@ -46,7 +45,7 @@ class AsgeBlock(nn.Module):
 
     ``features`` gives the activation map Y the local loss reads; ``scores`` maps Y to class scores; ``transition``
     down-samples (optional), applies dropout and RMS-normalises Y into the next block's input. ``forward`` is
-    ``transition(features(x))``, so the block is an ordinary stage for ``features_only`` and ``forward_intermediates``.
+    ``transition(features(x))``, so the block is an ordinary stage for ``features_only``.
     """
 
     def __init__(
@@ -90,18 +89,17 @@ class AsgeBlock(nn.Module):
     def goodness(self, y: torch.Tensor) -> torch.Tensor:
         return spatial_goodness(y, self.grid)
 
+    def scores(self, y: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.goodness(y))
+
     def local_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``features(x)`` (without a gradient path) and its class scores, for the block's local loss.
 
         Same values as ``y = features(x); scores(y)``, but ReLU and goodness form one autograd node whose backward
-        keeps only ``y`` (see :func:`~timm_asge.goodness.relu_spatial_goodness`); forward hooks on ``act`` do not
-        run here.
+        keeps only ``y`` (see :func:`~timm_asge.goodness.relu_spatial_goodness`).
         """
         y, goodness = relu_spatial_goodness(self.conv(x), self.grid)
         return y, self.proj(goodness)
-
-    def scores(self, y: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.goodness(y))
 
     def transition(self, y: torch.Tensor) -> torch.Tensor:
         if self.downsample:
@@ -109,14 +107,9 @@ class AsgeBlock(nn.Module):
         return self.norm(self.drop(y))
 
     def reset_projection(self, num_classes: int) -> None:
-        old = self.proj
+        weight = self.proj.weight
         self.proj = FixedProjection(
-            old.in_features,
-            num_classes,
-            seed=old.seed,
-            device=old.weight.device,
-            dtype=old.weight.dtype,
-        )
+            self.proj.in_features, num_classes, seed=self.proj.seed, device=weight.device, dtype=weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.transition(self.features(x))
@@ -163,7 +156,7 @@ class AsgeCnn(nn.Module):
             grid_ref_channels: C_ref of the grid rule; defaults to the last block's width (the authors use 512).
             drop_rate: Dropout applied to every block's output during training.
             prediction: Prediction strategy, ``'fusion'``, ``'last'`` or ``'best'``.
-            best_block: Index (0-based) of the block ``best`` reads; chosen from validation by the engine.
+            best_block: Index (0-based) of the block ``best`` reads, chosen on validation after training.
             fusion_start: First block (0-based) whose output feeds the fusion read-out.
             projection_seed: Base seed of the fixed random projections.
             head_init_scale: Multiplier of the fusion read-out's initial weights. 1 is the authors' Kaiming-normal
@@ -173,15 +166,11 @@ class AsgeCnn(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         widths = [int(w) for w in widths]
         downsample = [bool(d) for d in downsample]
-        if not widths:
-            raise ValueError('widths must list at least one block')
-        if len(downsample) != len(widths):
-            raise ValueError(
-                f'downsample has {len(downsample)} entries but widths has {len(widths)}; give one per block')
+        if not widths or len(downsample) != len(widths):
+            raise ValueError(f'downsample has {len(downsample)} entries but widths has {len(widths)}; give one per '
+                             f'block (at least one)')
         if not 0 <= fusion_start < len(widths):
             raise ValueError(f'fusion_start={fusion_start} must index a block in [0, {len(widths)})')
-        if in_chans < 1:
-            raise ValueError(f'in_chans must be positive, got {in_chans}')
         if isinstance(head_init_scale, bool) or not isinstance(head_init_scale, (int, float)) \
                 or not 0 <= head_init_scale < float('inf'):
             raise ValueError(f'head_init_scale must be a finite number >= 0, got {head_init_scale!r}')
@@ -199,7 +188,6 @@ class AsgeCnn(nn.Module):
         self.head_init_scale = float(head_init_scale)
         self.grad_checkpointing = False
         self.grids = [grid_size(w, self.grid_ref_channels, self.alpha) for w in widths]
-        self.min_input_size = self._min_input_size()
 
         self.stem = RmsNorm()
         self.feature_info = []
@@ -223,31 +211,9 @@ class AsgeCnn(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.fusion_features = sum(widths[fusion_start:])
         self.head = ClassifierHead(self.fusion_features, num_classes, pool_type=global_pool, **dd)
-        # The chosen block of `best` travels with the weights; -1 means not chosen yet.
-        self.register_buffer('best_block', torch.tensor(-1, dtype=torch.long, device=device))
-        self.register_load_state_dict_post_hook(_sync_best_block)
-        self.best_index: Optional[int] = None
-        self.prediction = 'fusion'
+        self.prediction, self.best_block = 'fusion', None
         self.set_prediction(prediction, best_block)
         self.init_weights()
-
-    def _map_sizes(self, size: int) -> List[int]:
-        """Side of every block's activation map for an input side ``size``."""
-        sizes = []
-        for down in self.downsample:
-            sizes.append(size)
-            size = size // 2 if down else size
-        return sizes
-
-    def _size_ok(self, size: int) -> bool:
-        sizes = self._map_sizes(size)
-        return all(s >= g and (s >= 2 or not d) for s, g, d in zip(sizes, self.grids, self.downsample))
-
-    def _min_input_size(self) -> int:
-        size = 1
-        while not self._size_ok(size):
-            size += 1
-        return size
 
     @torch.jit.ignore
     def init_weights(self) -> None:
@@ -286,9 +252,7 @@ class AsgeCnn(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        if self.prediction == 'fusion':
-            return self.head.fc
-        return self.stages[self.read_block].proj
+        return self.head.fc if self.prediction == 'fusion' else self.stages[self.read_block].proj
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """New class count: a fresh fusion read-out and fresh fixed projections (same seeds) in every block."""
@@ -303,7 +267,7 @@ class AsgeCnn(nn.Module):
 
     @torch.jit.ignore
     def architecture_args(self) -> Dict[str, Any]:
-        """Every constructor argument as JSON-serialisable values: what a Hub ``config.json`` must carry.
+        """The constructor arguments that rebuild this model, as JSON values (a Hub ``config.json``'s model_args).
 
         ``head_init_scale`` is left out: it only sets initial weights, which a checkpoint replaces.
         """
@@ -318,7 +282,7 @@ class AsgeCnn(nn.Module):
             grid_ref_channels=self.grid_ref_channels,
             drop_rate=self.drop_rate,
             prediction=self.prediction,
-            best_block=self.best_index,
+            best_block=self.best_block,
             fusion_start=self.fusion_start,
             projection_seed=self.projection_seed,
         )
@@ -326,29 +290,26 @@ class AsgeCnn(nn.Module):
     @property
     def read_block(self) -> int:
         """Index of the block whose scores `last`/`best` return (the last block run by those strategies)."""
-        if self.prediction == 'best':
-            return self.best_index
-        return len(self.stages) - 1
+        return self.best_block if self.prediction == 'best' else len(self.stages) - 1
 
     def set_prediction(self, prediction: str, best_block: Optional[int] = None) -> None:
         """Choose the prediction strategy.
 
         Args:
             prediction: ``'fusion'``, ``'last'`` or ``'best'``.
-            best_block: Block index for ``best`` (negative counts from the end); keeps the stored choice if None.
+            best_block: Block index for ``best`` (0-based, negative counts from the end); keeps the current choice
+                if None.
         """
         check_choice('prediction strategy', prediction, PREDICTIONS)
-        if best_block is not None:
-            num_blocks = len(self.stages)
-            if not -num_blocks <= best_block < num_blocks:
-                raise ValueError(f'best_block={best_block} is not a block index of this {num_blocks}-block network')
-            self.best_index = best_block % num_blocks
-            self.best_block.fill_(self.best_index)
-        if prediction == 'best' and self.best_index is None:
-            raise ValueError(
-                "prediction 'best' needs a chosen block: run timm_asge.engine.choose_best_block(model, val_loader) "
-                "after training, or pass best_block=<index>")
-        self.prediction = prediction
+        num_blocks = len(self.stages)
+        if best_block is not None and not -num_blocks <= best_block < num_blocks:
+            raise ValueError(f'best_block={best_block} is not a block index of this {num_blocks}-block network '
+                             f'(0 to {num_blocks - 1})')
+        best_block = self.best_block if best_block is None else best_block % num_blocks
+        if prediction == 'best' and best_block is None:
+            raise ValueError("prediction 'best' needs a chosen block: run timm_asge.engine.choose_best_block(model, "
+                             "val_loader) after training, or pass best_block=<index>")
+        self.prediction, self.best_block = prediction, best_block
         self._update_feature_sizes()
 
     def _update_feature_sizes(self) -> None:
@@ -359,22 +320,35 @@ class AsgeCnn(nn.Module):
             self.num_features = block.conv.out_channels
             self.head_hidden_size = block.proj.in_features
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError naming the problem if ``x`` is not a batch of images this network can read."""
-        if x.ndim != 4:
-            raise ValueError(f'expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}')
-        if not x.is_floating_point():
-            raise ValueError(f'expected floating-point images, got {x.dtype}; convert them, e.g. images.float() / 255 '
-                             f'(timm_asge.data.to_model_input); the network RMS-normalises its input, so no mean/std')
-        if x.shape[1] != self.in_chans:
+    @property
+    def min_input_size(self) -> int:
+        """Smallest image side every block can read: each map at least its grid, and 2 wherever it is pooled."""
+        size, scale = 1, 1
+        for grid, down in zip(self.grids, self.downsample):
+            size = max(size, max(grid, 2 if down else 1) * scale)
+            scale *= 2 if down else 1
+        return size
+
+    def check_input_size(self, input_size: Sequence[int]) -> None:
+        """Raise a ValueError if images of ``input_size`` (C, H, W) have the wrong channels or are too small."""
+        in_chans, *image_size = input_size
+        if in_chans != self.in_chans:
+            raise ValueError(f'the model expects {self.in_chans}-channel images but got {in_chans} channels; convert '
+                             f'the images or create the model with in_chans={in_chans}')
+        if min(image_size) < self.min_input_size:
             raise ValueError(
-                f'the model expects {self.in_chans}-channel images but got {x.shape[1]} channels (input shape '
-                f'{tuple(x.shape)}); convert the images or create the model with in_chans={x.shape[1]}')
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(
-                f'image size {tuple(x.shape[-2:])} is too small for this network: its '
-                f'{sum(self.downsample)} down-sampling steps and goodness grids {self.grids} need at least '
+                f'image size {tuple(image_size)} is too small for this network: its {sum(self.downsample)} '
+                f'down-sampling steps and goodness grids {self.grids} need at least '
                 f'{self.min_input_size}x{self.min_input_size}; resize the images or use a shallower network')
+
+    def check_input(self, images: torch.Tensor) -> None:
+        """Raise a ValueError naming the problem if ``images`` is not a batch of images this network can read."""
+        if images.ndim != 4:
+            raise ValueError(f'expected a batch of images (B, C, H, W), got a tensor of shape {tuple(images.shape)}')
+        if not images.is_floating_point():
+            raise ValueError(f'expected floating-point images, got {images.dtype}; convert them, e.g. '
+                             f'images.float() / 255 (the network RMS-normalises its input, so no mean/std)')
+        self.check_input_size(images.shape[1:])
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial size of the last block's output (the fusion features) for an input of ``height x width``."""
@@ -399,41 +373,79 @@ class AsgeCnn(nn.Module):
             return output.mean(dim=(2, 3), keepdim=True).expand(-1, -1, *size)
         return F.adaptive_avg_pool2d(output, size)
 
+    def iter_blocks(
+            self,
+            x: torch.Tensor,
+            stop: Optional[int] = None,
+            local: bool = False,
+            scores: bool = False,
+            output_last: bool = True,
+    ) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """The one block loop of every path: the stem, then blocks ``0..stop-1``, one at a time.
+
+        Args:
+            x: Images (B, C, H, W).
+            stop: Run only the blocks before this index (all if None).
+            local: Local learning (the engine): each block reads a detached input, its scores come from the fused
+                ReLU-goodness node (the map itself has no gradient path) and the transition runs without autograd,
+                so no gradient can cross a block.
+            scores: Also compute each block's class scores; outside ``local``, without autograd (for monitoring).
+            output_last: Run the last block's transition; without it, the last block yields no output.
+
+        Yields:
+            Per block: the activation map Y, the class scores (or None) and the block's output (the next input).
+        """
+        x = self.stem(x)
+        blocks = self.stages[:stop]
+        for i, block in enumerate(blocks):
+            if local:
+                y, block_scores = block.local_forward(x.detach())
+            else:
+                y = self._block_features(block, x)
+                with torch.no_grad():
+                    block_scores = block.scores(y) if scores else None
+            if i == len(blocks) - 1 and not output_last:
+                x = None
+            else:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not local):
+                    x = block.transition(y)
+            yield y, block_scores, x
+            del y, block_scores  # free this block's map before the next block's conv runs
+
     def _block_features(self, block: AsgeBlock, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return checkpoint(block.features, x, use_reentrant=False)
         return block.features(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def _forward_blocks(
+            self,
+            x: torch.Tensor,
+            take_indices: Sequence[int] = (),
+            stop: Optional[int] = None,
+    ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+        """The active strategy's features (None if ``stop`` ends before they exist) and the outputs in take_indices."""
+        fusion = self.prediction == 'fusion'
+        stop = stop or (len(self.stages) if fusion else self.read_block + 1)
         size = self.output_size(*x.shape[-2:])
-        x = self.stem(x)
-        if self.prediction == 'fusion':
-            # Pool each output as soon as it exists, so only one block's full-size maps are alive at a time.
-            fused = []
-            for i, block in enumerate(self.stages):
-                x = block.transition(self._block_features(block, x))
-                if i >= self.fusion_start:
-                    fused.append(self.fusion_input(x, size))
-            return torch.cat(fused, dim=1)
-        read = self.read_block
-        for block in self.stages[:read]:
-            x = block.transition(self._block_features(block, x))
-        return self._block_features(self.stages[read], x)
+        features, intermediates = [], []
+        blocks = self.iter_blocks(x, stop=stop, output_last=fusion or stop - 1 in take_indices)
+        for i, (y, _, output) in enumerate(blocks):
+            if i in take_indices:
+                intermediates.append(output)
+            if fusion and i >= self.fusion_start:
+                # Pooled as soon as it exists, so only one block's full-size maps are alive at a time.
+                features.append(self.fusion_input(output, size))
+            elif not fusion and i == self.read_block:
+                features.append(y)
+        if not features:
+            return None, intermediates
+        return (torch.cat(features, dim=1) if fusion else features[0]), intermediates
 
-    def check_read_out(self) -> None:
-        """Raise a ValueError if the fusion read-out cannot produce class scores (unpooled features, classes > 0)."""
-        if not self.global_pool and self.num_classes:
-            # timm's ClassifierHead would hand (N, C, H, W) to its Linear and fail with a shape mismatch.
-            raise ValueError(
-                "global_pool='' leaves the fusion features unpooled (N, C, H, W), which the linear read-out cannot "
-                "take: use num_classes=0 (or pre_logits=True) for the unpooled features, or a pooling such as "
-                "global_pool='avg' for class scores")
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_blocks(x)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.prediction == 'fusion':
-            if not pre_logits:
-                self.check_read_out()
             return self.head(x, pre_logits=pre_logits)
         if not self.global_pool and (pre_logits or self.num_classes == 0):
             return x
@@ -444,18 +456,15 @@ class AsgeCnn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @torch.no_grad()
     def block_logits(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Every block's fixed-projection scores and, last, the fusion logits, from one pass (for evaluation)."""
-        self.check_input(x)
         size = self.output_size(*x.shape[-2:])
-        x = self.stem(x)
         logits, fused = [], []
-        for i, block in enumerate(self.stages):
-            y = block.features(x)
-            logits.append(block.scores(y))
-            x = block.transition(y)
+        for i, (_, scores, output) in enumerate(self.iter_blocks(x, scores=True)):
+            logits.append(scores)
             if i >= self.fusion_start:
-                fused.append(self.fusion_input(x, size))
+                fused.append(self.fusion_input(output, size))
         return logits + [self.head(torch.cat(fused, dim=1))]
 
     def forward_intermediates(
@@ -479,28 +488,14 @@ class AsgeCnn(nn.Module):
         """
         assert output_fmt == 'NCHW', 'Output format must be NCHW.'
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.check_input(x)
-        size = self.output_size(*x.shape[-2:])
         if intermediates_only and stop_early:
-            last = max_index
+            stop = max_index + 1
         elif self.prediction == 'fusion':
-            last = len(self.stages) - 1
+            stop = len(self.stages)
         else:
-            last = max(max_index, self.read_block)
-        x = self.stem(x)
-        intermediates, fused, features = [], [], None
-        for i, block in enumerate(self.stages[:last + 1]):
-            y = self._block_features(block, x)
-            x = block.transition(y)
-            if i in take_indices:
-                intermediates.append(x)
-            if self.prediction == 'fusion' and i >= self.fusion_start:
-                fused.append(self.fusion_input(x, size))
-            elif self.prediction != 'fusion' and i == self.read_block:
-                features = y
-        if intermediates_only:
-            return intermediates
-        return (torch.cat(fused, dim=1) if self.prediction == 'fusion' else features), intermediates
+            stop = max(max_index, self.read_block) + 1
+        features, intermediates = self._forward_blocks(x, take_indices, stop)
+        return intermediates if intermediates_only else (features, intermediates)
 
     def prune_intermediate_layers(
             self,
@@ -510,17 +505,14 @@ class AsgeCnn(nn.Module):
     ) -> List[int]:
         """Drop the blocks after the last requested intermediate (and the head if ``prune_head``)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        self.widths = self.widths[:max_index + 1]
-        self.downsample = self.downsample[:max_index + 1]
-        self.feature_info = self.feature_info[:max_index + 1]
-        self.grids = self.grids[:max_index + 1]
-        self.min_input_size = self._min_input_size()  # fewer blocks may read smaller images
+        keep = max_index + 1
+        self.stages = self.stages[:keep]
+        self.widths, self.downsample, self.grids = self.widths[:keep], self.downsample[:keep], self.grids[:keep]
+        self.feature_info = self.feature_info[:keep]
         self.fusion_start = min(self.fusion_start, max_index)
         self.fusion_features = sum(self.widths[self.fusion_start:])
-        if self.best_index is not None and self.best_index > max_index:
-            self.best_index = None
-            self.best_block.fill_(-1)
+        if self.best_block is not None and self.best_block > max_index:
+            self.best_block = None
         weight = self.stages[0].conv.weight
         self.head = ClassifierHead(
             self.fusion_features, self.num_classes, pool_type=self.global_pool, device=weight.device,
@@ -532,50 +524,34 @@ class AsgeCnn(nn.Module):
         return take_indices
 
 
-def _sync_best_block(module: AsgeCnn, incompatible_keys) -> None:
-    """After ``load_state_dict``, take the stored `best` block choice (host read once, at load time only)."""
-    index = int(module.best_block)
-    module.best_index = index if index >= 0 else None
-    if module.prediction == 'best' and module.best_index is None:
-        module.set_prediction('fusion')
-        raise ValueError(
-            "the loaded weights carry no chosen block for prediction 'best' (their best_block buffer is -1), so the "
-            "model now predicts with 'fusion'; choose a block with timm_asge.engine.choose_best_block(model, "
-            "val_loader), or call model.set_prediction('best', best_block=<index>)")
-    module._update_feature_sizes()
-
-
 def _create_asge(variant: str, pretrained: bool = False, **kwargs) -> AsgeCnn:
-    num_blocks = len(kwargs.get('widths', ()))
-    # The strategy is applied after the weights load: the caller's (or config.json's) block wins over the one stored
-    # in the weights, and `prediction='best'` alone reads the stored choice.
-    prediction, best_block = kwargs.pop('prediction', 'fusion'), kwargs.pop('best_block', None)
+    if pretrained:
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        if not (cfg.source in ('hf-hub', 'local-dir') or cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
+            raise ValueError(
+                f'no weights are published for {variant!r}; load an export with '
+                f"timm.create_model('hf-hub:<org>/<name>', pretrained=True) or 'local-dir:<path>'")
     try:
-        model = build_model_with_cfg(
+        return build_model_with_cfg(
             AsgeCnn,
             variant,
             pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=tuple(range(num_blocks)), flatten_sequential=True),
+            feature_cfg=dict(out_indices=tuple(range(len(kwargs.get('widths', ())))), flatten_sequential=True),
             **kwargs,
         )
     except SafetensorError as e:  # timm's loader read a damaged weights file; say which one
         raise corrupt_pretrained_error(variant, e, **kwargs) from e
-    if isinstance(model, AsgeCnn):  # features_only wrappers read intermediates, not a prediction
-        model.set_prediction(prediction, best_block)
-    return model
-
-
-def _classifier_names(num_blocks: int) -> Tuple[str, ...]:
-    # Everything that depends on the class count: dropped (and rebuilt fresh) when num_classes changes on load.
-    return ('head.fc',) + tuple(f'stages.{i}.proj' for i in range(num_blocks))
 
 
 def _cfg(url: str = '', num_blocks: int = 7, **kwargs) -> Dict[str, Any]:
     # The network RMS-normalises its input itself, so the data pipeline only scales to [0, 1] (mean 0, std 1).
+    # Everything that depends on the class count is listed as a classifier: timm drops it (and it is rebuilt fresh)
+    # when num_classes changes on load.
     return {
         'url': url,
-        'hf_hub_filename': 'model.safetensors',
         'num_classes': 10,
         'input_size': (3, 32, 32),
         'pool_size': (2, 2),
@@ -584,7 +560,7 @@ def _cfg(url: str = '', num_blocks: int = 7, **kwargs) -> Dict[str, Any]:
         'mean': (0.0, 0.0, 0.0),
         'std': (1.0, 1.0, 1.0),
         'first_conv': 'stages.0.conv',
-        'classifier': _classifier_names(num_blocks),
+        'classifier': ('head.fc',) + tuple(f'stages.{i}.proj' for i in range(num_blocks)),
         'license': 'apache-2.0',
         'paper_ids': 'arXiv:2509.12394',
         'paper_name': 'Adaptive Spatial Goodness Encoding: Advancing and Scaling Forward-Forward Learning',
@@ -592,35 +568,14 @@ def _cfg(url: str = '', num_blocks: int = 7, **kwargs) -> Dict[str, Any]:
     }
 
 
+# The Hub organisation of published checkpoints. A name gets a tag and an hf_hub_id here only once its weights are
+# published, so timm.list_models(pretrained=True) is true; until then there are no tags.
 HF_ORG = 'timm-asge'
-_GREY = dict(input_size=(1, 32, 32), mean=(0.0,), std=(1.0,))
-MNIST_LABELS = tuple(str(i) for i in range(10))
-FASHION_MNIST_LABELS = (
-    'T - shirt / top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
-CIFAR10_LABELS = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-CIFAR100_LABELS = (
-    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle', 'bottle', 'bowl', 'boy',
-    'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair', 'chimpanzee', 'clock',
-    'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin', 'elephant', 'flatfish', 'forest',
-    'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp', 'lawn_mower', 'leopard', 'lion', 'lizard',
-    'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain', 'mouse', 'mushroom', 'oak_tree', 'orange', 'orchid',
-    'otter', 'palm_tree', 'pear', 'pickup_truck', 'pine_tree', 'plain', 'plate', 'poppy', 'porcupine', 'possum',
-    'rabbit', 'raccoon', 'ray', 'road', 'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper',
-    'snail', 'snake', 'spider', 'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank', 'telephone',
-    'television', 'tiger', 'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf',
-    'woman', 'worm')
 
 default_cfgs = generate_default_cfgs({
-    'asge_cnn_tiny.digits': _cfg(
-        hf_hub_id=f'{HF_ORG}/asge_cnn_tiny.digits', num_blocks=4, input_size=(1, 16, 16), pool_size=(4, 4),
-        mean=(0.0,), std=(1.0,), label_names=MNIST_LABELS),
-    # The first tag is the default: CIFAR-10, so a plain `create_model('asge_cnn')` takes RGB input.
-    'asge_cnn.cifar10': _cfg(hf_hub_id=f'{HF_ORG}/asge_cnn.cifar10', label_names=CIFAR10_LABELS),
-    'asge_cnn.mnist': _cfg(hf_hub_id=f'{HF_ORG}/asge_cnn.mnist', label_names=MNIST_LABELS, **_GREY),
-    'asge_cnn.fashion_mnist': _cfg(
-        hf_hub_id=f'{HF_ORG}/asge_cnn.fashion_mnist', label_names=FASHION_MNIST_LABELS, **_GREY),
-    'asge_vgg11.cifar100': _cfg(
-        hf_hub_id=f'{HF_ORG}/asge_vgg11.cifar100', num_blocks=10, num_classes=100, label_names=CIFAR100_LABELS),
+    'asge_cnn_tiny': _cfg(num_blocks=4, input_size=(1, 16, 16), pool_size=(4, 4), mean=(0.0,), std=(1.0,)),
+    'asge_cnn': _cfg(),
+    'asge_vgg11': _cfg(num_blocks=10),
     'asge_vgg11_w64': _cfg(
         num_blocks=8, num_classes=1000, input_size=(3, 224, 224), pool_size=(14, 14), crop_pct=0.875,
         interpolation='bicubic'),
