@@ -23,14 +23,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..checkpoint import checkpoint_filter_fn, corrupt_pretrained_error
 from ..goodness import (
     FixedProjection, RmsNorm, check_choice, grid_size, relu_spatial_goodness, rms_pool2d, spatial_goodness,
 )
@@ -550,17 +548,13 @@ def _create_asge(variant: str, pretrained: bool = False, **kwargs) -> AsgeCnn:
     # The strategy is applied after the weights load: the caller's (or config.json's) block wins over the one stored
     # in the weights, and `prediction='best'` alone reads the stored choice.
     prediction, best_block = kwargs.pop('prediction', 'fusion'), kwargs.pop('best_block', None)
-    try:
-        model = build_model_with_cfg(
-            AsgeCnn,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=tuple(range(num_blocks)), flatten_sequential=True),
-            **kwargs,
-        )
-    except SafetensorError as e:  # timm's loader read a damaged weights file; say which one
-        raise corrupt_pretrained_error(variant, e, **kwargs) from e
+    model = build_model_with_cfg(
+        AsgeCnn,
+        variant,
+        pretrained,
+        feature_cfg=dict(out_indices=tuple(range(num_blocks)), flatten_sequential=True),
+        **kwargs,
+    )
     if isinstance(model, AsgeCnn):  # features_only wrappers read intermediates, not a prediction
         model.set_prediction(prediction, best_block)
     return model
