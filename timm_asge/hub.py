@@ -45,20 +45,6 @@ REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 CARDS_DIR = Path(__file__).resolve().parent.parent / 'hub_cards'
 # What a registry-name load may build differently without changing what the weights compute.
 RUNTIME_ARGS = ('prediction', 'best_block', 'drop_rate')
-PAPER = dict(
-    title='Adaptive Spatial Goodness Encoding: Advancing and Scaling Forward-Forward Learning',
-    authors='Q. Gong, R. B. Staszewski, K. Xu',
-    url='https://arxiv.org/abs/2509.12394',
-    venue='ICASSP 2026',
-)
-CITATION = """@inproceedings{gong2026asge,
-  title = {Adaptive Spatial Goodness Encoding: Advancing and Scaling Forward-Forward Learning},
-  author = {Gong, Q. and Staszewski, R. B. and Xu, K.},
-  booktitle = {ICASSP 2026},
-  year = {2026},
-  eprint = {2509.12394},
-  archivePrefix = {arXiv}
-}"""
 
 
 class CheckpointError(ValueError):
@@ -257,9 +243,7 @@ def build_card(
         dataset_title=dataset_title,
         rows=rows,
         block_accuracy=[f'{100 * a:.2f}' for a in results.get('test_block_accuracy', [])],
-        paper=PAPER,
         paper_accuracy=metadata.get('paper', {}).get('accuracy'),
-        citation=CITATION,
         config_file=results.get('config_file') or metadata.get('config_file'),
         recipe_yaml=yaml.safe_dump(results['recipe'], sort_keys=False).strip() if results.get('recipe') else None,
         **{k: results.get(k) for k in (
@@ -347,22 +331,18 @@ def push(
 ) -> List[str]:
     """Upload an exported folder's ``config.json``, ``model.safetensors`` and ``README.md`` to a Hub model repo.
 
-    The folder is checked first: the weights load, and the card has model-index results and loads ``repo_id``.
-    The folder is uploaded as exported (timm's ``push_to_hf_hub`` would serialise the model again and keep a
-    repo's existing card).
+    The folder is checked first: the weights load, and the card has model-index results and loads ``repo_id``. It is
+    uploaded as exported: timm's ``push_to_hf_hub`` would serialise the model again and keep a repo's existing card.
 
     Args:
         folder: Output of :func:`export`.
         repo_id: ``org/name``; created if missing.
-        dry_run: Check and return the files, upload nothing.
-        token: Hub token; None uses ``HF_TOKEN`` or ``hf auth login``'s.
-        private: Create the repo private.
-        revision: Branch to commit to.
-        create_pr: Open a pull request instead of committing.
-        commit_message: Commit message.
+        dry_run: Check and return the files; upload nothing.
+        token: Hub token; None uses ``HF_TOKEN`` or the ``hf auth login`` one.
+        private, revision, create_pr, commit_message: As in ``HfApi.create_repo`` and ``HfApi.upload_folder``.
 
     Returns:
-        The file names uploaded (or, for a dry run, to upload).
+        The file names uploaded (for a dry run: to upload).
     """
     folder = Path(folder)
     create_model_checked(f'local-dir:{folder}')
