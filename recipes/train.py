@@ -39,14 +39,13 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import timm_asge  # noqa: F401  (registers the asge_* models)
-from timm_asge.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from timm_asge.costs import strategy_costs
 from timm_asge.data import augment_batch, check_color_jitter, epoch_batches, find_columns, image_loader
 from timm_asge.data import SplitNotFoundError, label_names, load_dataset_split
 from timm_asge.data import load_tensors, num_batches, split_train_val, to_model_input
 from timm_asge.engine import LocalLearner, all_reduce_gradients, evaluate, param_groups, pick_best_block
 from timm_asge.fileio import atomic_dir, atomic_path
-from timm_asge.hub import save_pretrained
+from timm_asge.hub import CONFIG_NAME, WEIGHTS_NAME, save_pretrained
 from timm_asge.models.asge_cnn import PREDICTIONS
 
 DEFAULTS: Dict[str, Any] = {

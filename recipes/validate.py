@@ -24,10 +24,9 @@ from typing import Any, Dict, List, Optional
 from accelerate import Accelerator
 
 import timm_asge  # registers the asge_* models
-from timm_asge.checkpoint import CheckpointError
 from timm_asge.costs import strategy_costs
 from timm_asge.data import SplitNotFoundError
-from timm_asge.hub import create_model_checked
+from timm_asge.hub import CheckpointError, create_model_checked
 from train import (
     accuracy_on, check_config, check_img_size, describe_hardware, eval_batches, git_commit, load_config, load_split,
     run_command, split_label_names, write_json,

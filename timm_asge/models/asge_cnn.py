@@ -23,16 +23,15 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
-from ..checkpoint import checkpoint_filter_fn, corrupt_pretrained_error
-from ..goodness import FixedProjection, RmsNorm, check_choice, grid_size, relu_spatial_goodness, rms_pool2d, \
-    spatial_goodness
+from ..goodness import (
+    FixedProjection, RmsNorm, check_choice, grid_size, relu_spatial_goodness, rms_pool2d, spatial_goodness,
+)
 
 __all__ = ['AsgeCnn', 'AsgeBlock', 'PREDICTIONS', 'POOL_TYPES']
 
@@ -533,17 +532,13 @@ def _create_asge(variant: str, pretrained: bool = False, **kwargs) -> AsgeCnn:
             raise ValueError(
                 f'no weights are published for {variant!r}; load an export with '
                 f"timm.create_model('hf-hub:<org>/<name>', pretrained=True) or 'local-dir:<path>'")
-    try:
-        return build_model_with_cfg(
-            AsgeCnn,
-            variant,
-            pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=tuple(range(len(kwargs.get('widths', ())))), flatten_sequential=True),
-            **kwargs,
-        )
-    except SafetensorError as e:  # timm's loader read a damaged weights file; say which one
-        raise corrupt_pretrained_error(variant, e, **kwargs) from e
+    return build_model_with_cfg(
+        AsgeCnn,
+        variant,
+        pretrained,
+        feature_cfg=dict(out_indices=tuple(range(len(kwargs.get('widths', ())))), flatten_sequential=True),
+        **kwargs,
+    )
 
 
 def _cfg(url: str = '', num_blocks: int = 7, **kwargs) -> Dict[str, Any]:
