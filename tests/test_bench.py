@@ -75,7 +75,7 @@ def test_gpu_suite_keeps_the_other_rows_when_one_fails_and_writes_after_every_ro
 
 def test_step_memory_script_counts_every_variant_and_precision(tmp_path):
     out = tmp_path / 'memory.json'
-    proc = subprocess.run([sys.executable, str(ROOT / 'bench' / 'step_memory.py'), '--batch-size', '64', '--out',
+    proc = subprocess.run([sys.executable, '-m', 'bench.step_memory', '--batch-size', '64', '--out',
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
