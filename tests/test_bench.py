@@ -11,11 +11,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-import accuracy_report
-from accuracy_report import first_epoch_at, summarise
+from bench import accuracy_report
+from bench.accuracy_report import first_epoch_at, summarise
 from conftest import ROOT
-import gpu_suite
-from gpu_suite import LiveTensorBytes
+from bench import gpu_suite
+from bench.gpu_suite import LiveTensorBytes
 
 
 def test_live_tensor_bytes_counts_allocations_not_views():
