@@ -82,7 +82,7 @@ def test_digits_main_job(tmp_path):
     ('model.prediction=fuse', "model.prediction='fuse'; choose one of fusion, last, best"),
     ('train.mode=sgd', "train.mode='sgd'; choose one of fused, lean, backprop"),
     ('data.color_jitter=[0.4,0.4]', r'color_jitter=\[0.4, 0.4\] must be \[brightness, contrast, saturation, hue\]'),
-    ('train.min_lr=1', 'train.min_lr=1.0 must be at most train.lr=0.002'),
+    ('train.min_lr=1', 'train.min_lr=1 must be at most train.lr=0.002'),
     ('model.name=asge_cnnn', "model.name='asge_cnnn' is not an ASGE model; choose one of asge_cnn, asge_cnn_tiny"),
     ('model.name=resnet18', "model.name='resnet18' is not an ASGE model"),
     ('model.args.foo=1', "cannot build model 'asge_cnn_tiny' with model.args=.*unexpected keyword argument 'foo'"),

@@ -112,6 +112,8 @@ def load_config(path: Optional[str], overrides: List[str]) -> Dict[str, Any]:
             raise RecipeError(f'{where} holds a {type(tree).__name__}, not a mapping of sections (model:, data:, '
                               f'train:)')
         _merge(config, tree, where)
+    if config['train']['mixed_precision'] is False:  # YAML reads a bare `no` as false
+        config['train']['mixed_precision'] = 'no'
     for key in [*TYPES, *CHOICES, *RANGES, *_leaf_keys(DEFAULTS)]:
         _check(key, _get(config, key))
     if config['train']['min_lr'] > config['train']['lr']:
