@@ -14,10 +14,10 @@ curve by epoch beside the authors' point (the same accuracy after the same epoch
 training steps beside the target (time to accuracy).
 
 Usage:
-    python bench/accuracy_report.py outputs/fashion_mnist/results.json outputs/mnist/results.json
-    python bench/accuracy_report.py $OUT/*-results.json $OUT/fashion_mnist-recipe.log \\
+    python -m bench.accuracy_report outputs/fashion_mnist/results.json outputs/mnist/results.json
+    python -m bench.accuracy_report $OUT/*-results.json $OUT/fashion_mnist-recipe.log \\
         --out bench/results/accuracy-H100.json
-    python bench/accuracy_report.py bench/results/accuracy-*.json --plot curves.png
+    python -m bench.accuracy_report bench/results/accuracy-*.json --plot curves.png
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from timm_asge.fileio import atomic_path
 
-from cpu_throughput import environment, write_record  # bench/ is on sys.path when run as a script
+from bench.cpu_throughput import environment, write_record
 
 if TYPE_CHECKING:  # matplotlib is only needed for --plot, and imported there
     import matplotlib.figure
@@ -85,9 +85,7 @@ def results_from_log(path: Path, run_line: Optional[str] = None) -> Dict[str, An
     if run is None or training is None:
         raise SystemExit(f"error: {path} has no 'run:' line (logs before it: pass --log-run \"COMMAND | commit HASH "
                          f"| HARDWARE\") or no 'training ...' line; is it a recipes/train.py log?")
-    if str(REPO / 'recipes') not in sys.path:
-        sys.path.insert(0, str(REPO / 'recipes'))
-    from train import load_config  # the recipe's own defaults + YAML + overrides
+    from timm_asge.recipe import load_config  # the recipe's own defaults + YAML + overrides
 
     words = shlex.split(run['command'])
     script = next((i for i, word in enumerate(words) if word.endswith('train.py')), None)

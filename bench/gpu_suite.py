@@ -24,10 +24,10 @@ end), so a run cut off at a time limit keeps what it measured. The exit status i
 script, not a measurement (CPU memory there is live tensor bytes, counted at dispatch).
 
 Usage:
-    python bench/gpu_suite.py                     # on the GPU machine: ~2-4 min without --compile
-    python bench/gpu_suite.py --compile           # torch.compile the step's forward (adds compile time per run)
-    python bench/gpu_suite.py --compile --compile-mode reduce-overhead   # ... with CUDA graphs
-    python bench/gpu_suite.py --toy               # CPU smoke test
+    python -m bench.gpu_suite                     # on the GPU machine: ~2-4 min without --compile
+    python -m bench.gpu_suite --compile           # torch.compile the step's forward (adds compile time per run)
+    python -m bench.gpu_suite --compile --compile-mode reduce-overhead   # ... with CUDA graphs
+    python -m bench.gpu_suite --toy               # CPU smoke test
 """
 import argparse
 import re
@@ -51,7 +51,7 @@ from timm_asge import LocalLearner, param_groups
 from timm_asge.costs import training_activation_bytes, training_flops
 from timm_asge.data import augment_batch, to_model_input
 
-from cpu_throughput import environment, write_record  # bench/ is on sys.path when run as a script
+from bench.cpu_throughput import environment, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ('fused', 'lean', 'backprop')

@@ -13,8 +13,8 @@ the GPU suite's measured ones. Tensors keep the default (NCHW) layout: fake tens
 channels_last in place, and the layout does not change a tensor's size.
 
 Usage:
-    python bench/step_memory.py                       # asge_cnn, batch 512, fp32 and bf16 autocast
-    python bench/step_memory.py --model asge_vgg11 --batch-size 64
+    python -m bench.step_memory                       # asge_cnn, batch 512, fp32 and bf16 autocast
+    python -m bench.step_memory --model asge_vgg11 --batch-size 64
 """
 import argparse
 from pathlib import Path
@@ -27,8 +27,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from timm_asge import engine
 from timm_asge.costs import training_activation_bytes
 
-from cpu_throughput import environment, write_record  # bench/ is on sys.path when run as a script
-from gpu_suite import VARIANTS, LiveTensorBytes, build
+from bench.cpu_throughput import environment, write_record
+from bench.gpu_suite import VARIANTS, LiveTensorBytes, build
 
 REPO = Path(__file__).resolve().parents[1]
 

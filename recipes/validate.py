@@ -16,68 +16,32 @@ its weights); it is never chosen on the split under test, and is reported as not
 """
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from accelerate import Accelerator
 
-import timm_asge  # registers the asge_* models
 from timm_asge.costs import strategy_costs
 from timm_asge.data import SplitNotFoundError
-from timm_asge.hub import CheckpointError, create_model_checked
-from train import (
-    accuracy_on, check_config, check_img_size, describe_hardware, eval_batches, git_commit, load_config, load_split,
+from timm_asge.hub import create_model_checked
+from timm_asge.models import AsgeCnn
+from timm_asge.recipe import (
+    RecipeError, accuracy_on, check_img_size, describe_hardware, eval_batches, git_commit, load_config, load_split,
     run_command, split_label_names, write_json,
 )
-
-SCRIPT = 'recipes/validate.py'
 
 
 def model_source(model: str) -> str:
     """The timm name of ``--model``: a folder holding ``config.json`` (or a run folder's ``export/``) is a local dir."""
-    if model.startswith(('hf-hub:', 'local-dir:')):
-        return model
     folder = Path(model).expanduser()
-    if folder.is_file():
-        raise SystemExit(f'error: {folder} is a file; pass the folder that holds config.json and model.safetensors '
-                         f'(a run folder or its export/)')
-    if folder.is_dir():
-        for candidate in (folder, folder / 'export'):
-            if (candidate / 'config.json').is_file():
-                return f'local-dir:{candidate}'
-        raise SystemExit(f'error: {folder} holds no config.json (nor export/config.json); pass a folder written by '
-                         f'recipes/train.py or `python -m timm_asge.hub export`, or an hf-hub:/local-dir: name')
-    if model.startswith(('.', '/', '~')) or '/' in model:
-        raise SystemExit(f'error: there is no folder {model!r}; if it is a Hub repo, write hf-hub:{model}')
-    return model  # a registry name with published weights, e.g. asge_cnn.mnist
-
-
-def check_input(model, data_cfg: Dict[str, Any], source: str) -> None:
-    """Stop, before any data is decoded, when the model cannot read images of the configured shape."""
-    if model.in_chans != data_cfg['channels']:
-        raise SystemExit(f"error: {source} reads {model.in_chans}-channel images but data.channels="
-                         f"{data_cfg['channels']}; set data.channels={model.in_chans} (use the config of the dataset "
-                         f"the model was trained on)")
-    check_img_size(model, data_cfg['img_size'], source, remedy='raise data.img_size')
-
-
-def check_classes(model, data_cfg: Dict[str, Any], names: List[str], source: str) -> List[str]:
-    """Stop when the dataset has another class count; return notes on differences that only change the result."""
-    if model.num_classes != len(names):
-        raise SystemExit(f'error: {source} has {model.num_classes} classes but the dataset has {len(names)}; test it '
-                         f'on the dataset it was trained on (or set data.label_column)')
-    notes = []
-    trained_names = model.pretrained_cfg.get('label_names')
-    if trained_names and list(trained_names) != list(names):
-        notes.append(f'note: the model was trained with class names {list(trained_names)[:4]}..., the dataset has '
-                     f'{names[:4]}...: check that this is the dataset it was trained on')
-    input_size = model.pretrained_cfg.get('input_size')
-    if input_size and input_size[-1] != data_cfg['img_size']:
-        notes.append(f"note: the model was trained on {input_size[-1]}x{input_size[-1]} images, tested here at "
-                     f"data.img_size={data_cfg['img_size']}")
-    return notes
+    if model.startswith(('hf-hub:', 'local-dir:')) or not (folder.exists() or '/' in model):
+        return model  # a timm name, or a registry name with published weights (asge_cnn.mnist)
+    for candidate in (folder, folder / 'export'):
+        if (candidate / 'config.json').is_file():
+            return f'local-dir:{candidate}'
+    raise RecipeError(f'{model} is no folder holding config.json (nor export/config.json); pass a folder written by '
+                      f'recipes/train.py, or hf-hub:{model} for a Hub repo')
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -92,40 +56,39 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    check_config(config)
     data_cfg, train_cfg = config['data'], config['train']
     split = args.split or data_cfg['test_split']
     source = model_source(args.model)
     try:
         model = create_model_checked(source).eval()
-    except (CheckpointError, ValueError) as err:
-        raise SystemExit(f'error: {err}') from err
-    if not isinstance(model, timm_asge.AsgeCnn):
-        raise SystemExit(f'error: {source} is a {type(model).__name__}, not an ASGE model')
+    except ValueError as err:  # the Hub module's errors: missing, corrupt or foreign weights
+        raise RecipeError(str(err)) from None
+    if not isinstance(model, AsgeCnn):
+        raise RecipeError(f'{source} is a {type(model).__name__}, not an ASGE model')
+    if model.in_chans != data_cfg['channels']:  # checked before any data is decoded
+        raise RecipeError(f"{source} reads {model.in_chans}-channel images but data.channels={data_cfg['channels']}; "
+                          f'set data.channels={model.in_chans}')
+    check_img_size(model, data_cfg['img_size'], source)
+    if args.out and Path(args.out).is_dir():
+        raise RecipeError(f'--out {args.out} is a folder; pass a file path such as {Path(args.out) / "results.json"}')
 
-    check_input(model, data_cfg, source)
-    if args.out:  # before the evaluation, not after it
-        if Path(args.out).is_dir():
-            raise SystemExit(f'error: --out {args.out} is a folder; pass a file path such as '
-                             f'{Path(args.out) / "results.json"}')
-        try:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=Path(args.out).parent).close()
-        except OSError as err:
-            raise SystemExit(f'error: cannot write --out {args.out} ({err.strerror}); pass a writable path') from err
-
-    accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=train_cfg['mixed_precision'])
+    mixed_precision = 'no' if train_cfg['mixed_precision'] == 'auto' else train_cfg['mixed_precision']
+    accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=mixed_precision)
     try:
         with accelerator.main_process_first():
             data = load_split(data_cfg, split)
         names = split_label_names(data_cfg, data)
     except SplitNotFoundError as err:
-        remedy = 'Pass one of them to --split' if args.split else 'Pass one of them to --split or set data.test_split'
-        raise SystemExit(f'error: {err}. {remedy}') from err
+        raise RecipeError(f'{err}. Pass one of them to --split') from None
     except ValueError as err:
-        raise SystemExit(f'error: {err}') from err
-    for note in check_classes(model, data_cfg, names, source):
-        accelerator.print(note)
+        raise RecipeError(str(err)) from None
+    if model.num_classes != len(names):
+        raise RecipeError(f'{source} has {model.num_classes} classes but the dataset has {len(names)}; test it on the '
+                          f'dataset it was trained on (or set data.label_column)')
+    trained_names = model.pretrained_cfg.get('label_names')
+    if trained_names and list(trained_names) != list(names):
+        accelerator.print(f'note: the model was trained with class names {list(trained_names)[:4]}..., the dataset '
+                          f'has {names[:4]}...: check that this is the dataset it was trained on')
     if data_cfg['in_memory']:
         data = data.to(accelerator.device)
     model.to(accelerator.device)
@@ -134,10 +97,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     accuracy = accuracy_on(accelerator, model, eval_batches(accelerator, data_cfg, data, train_cfg['eval_batch_size']))
     seconds = time.perf_counter() - start
     blocks = accuracy[:-1].tolist()
-    best = model.best_block
+    best = model.best_index  # chosen on validation when the model was trained; never on the split under test
     by_strategy = {'fusion': accuracy[-1].item(), 'last': blocks[-1], 'best': None if best is None else blocks[best]}
-    input_size = (data_cfg['channels'], data_cfg['img_size'], data_cfg['img_size'])
-    costs = strategy_costs(model, input_size)
+    costs = strategy_costs(model, (data_cfg['channels'], data_cfg['img_size'], data_cfg['img_size']))
     results = {
         'model': args.model,
         'architecture': model.pretrained_cfg.get('architecture'),
@@ -145,11 +107,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     'img_size': data_cfg['img_size'], 'label_names': names},
         'test_accuracy': by_strategy,
         'test_block_accuracy': blocks,
-        'best_block': best,
+        'best_block': None if best is None else best + 1,  # numbered from 1, as in training's results.json
         'strategies': {name: {'test_accuracy': by_strategy[name], **cost} for name, cost in costs.items()},
         'eval_time_s': round(seconds, 2),
         'config_file': args.config,
-        'command': run_command(argv, SCRIPT),
+        'command': run_command(argv, 'recipes/validate.py'),
         'commit': git_commit(),
         'hardware': describe_hardware(accelerator),
     }
@@ -167,4 +129,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except RecipeError as err:
+        sys.exit(f'error: {err}')

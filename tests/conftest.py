@@ -1,20 +1,27 @@
+import importlib.util
 import os
 import socket
-import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get('TIMM_ASGE_SHARED_DATA', ROOT.parent / 'shared' / 'data'))
-# The recipe and the bench scripts are scripts, not packages: tests import them from their folders.
-sys.path[:0] = [str(ROOT / 'recipes'), str(ROOT / 'bench')]
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     """Decoded-tensor cache per test session, so tests never read a user's cache or each other's partial files."""
     monkeypatch.setenv('TIMM_ASGE_CACHE', str(tmp_path_factory.getbasetemp() / 'tensor-cache'))
+
+
+def load_script(name: str) -> ModuleType:
+    """``recipes/<name>.py`` as a module (its ``main`` runs in this process; the script is no package)."""
+    spec = importlib.util.spec_from_file_location(f'recipes_{name}', ROOT / 'recipes' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_dataset(name: str) -> Path:

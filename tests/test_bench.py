@@ -11,11 +11,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-import accuracy_report
-from accuracy_report import first_epoch_at, summarise
+from bench import accuracy_report
+from bench.accuracy_report import first_epoch_at, summarise
 from conftest import ROOT
-import gpu_suite
-from gpu_suite import LiveTensorBytes
+from bench import gpu_suite
+from bench.gpu_suite import LiveTensorBytes
 
 
 def test_live_tensor_bytes_counts_allocations_not_views():
@@ -75,7 +75,7 @@ def test_gpu_suite_keeps_the_other_rows_when_one_fails_and_writes_after_every_ro
 
 def test_step_memory_script_counts_every_variant_and_precision(tmp_path):
     out = tmp_path / 'memory.json'
-    proc = subprocess.run([sys.executable, str(ROOT / 'bench' / 'step_memory.py'), '--batch-size', '64', '--out',
+    proc = subprocess.run([sys.executable, '-m', 'bench.step_memory', '--batch-size', '64', '--out',
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())

@@ -219,7 +219,7 @@ case $stage in
       tar -cf sweep.tar -T - --remove-files)
     ;;
   suite)
-    python3 bench/gpu_suite.py --out "$OUT/gpu_suite$(printf '%s' "$*" | tr -c 'a-z0-9' '_' | cut -c1-40).json" "$@"
+    python3 -m bench.gpu_suite --out "$OUT/gpu_suite$(printf '%s' "$*" | tr -c 'a-z0-9' '_' | cut -c1-40).json" "$@"
     ;;
   train)
     dataset=${1:?usage: run.sh train DATASET [key=value ...]}
