@@ -49,7 +49,7 @@ def test_digits_main_job(tmp_path):
     assert on_disk['val_accuracy'] == {'blocks': best_epoch['val_block_acc'], 'fusion': best_epoch['val_fusion_acc']}
 
     model = timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True).eval()
-    assert model.prediction == 'fusion' and model.best_index == results['best_block'] - 1
+    assert model.prediction == 'fusion' and model.best_block == results['best_block'] - 1
     test = load_tensors('digits', 'test', 16, 1)
     for strategy in ('fusion', 'last', 'best'):
         model.set_prediction(strategy)
