@@ -40,7 +40,7 @@ def _make_run(root: Path, model) -> Path:
         'config_file': 'recipes/configs/digits.yaml',
         'command': 'accelerate launch recipes/train.py --config recipes/configs/digits.yaml',
         'epochs': 40, 'best_epoch': 37, 'train_time_s': 61.25, 'recipe': {'train': {'epochs': 40}},
-        'prediction': args['prediction'], 'best_block': args['best_block'],
+        'prediction': args['prediction'], 'best_block': None if args['best_block'] is None else args['best_block'] + 1,
         'test_accuracy': ACCURACY, 'test_block_accuracy': BLOCK_ACCURACY,
         'strategies': {k: {'test_accuracy': v, 'params': 123_456, 'flops': 4_567_890, 'activation_bytes': 3 << 20}
                        for k, v in ACCURACY.items()},
@@ -161,7 +161,7 @@ def test_card_has_model_index_results_costs_and_block_accuracy(exported):
     assert f"timm.create_model('hf-hub:{REPO_ID}', pretrained=True)" in card.text
     assert '| `best` | 95.27 | 123.46 k | 4.57 M | 3.00 MiB |' in card.text
     assert '| Accuracy | 50.00 | 75.00 | 95.27 | 95.00 |' in card.text
-    assert 'reads block 2' in card.text and 'scikit-learn digits' in card.text  # the results and the metadata
+    assert 'reads block 3' in card.text and 'scikit-learn digits' in card.text  # the results and the metadata
 
 
 def test_save_pretrained_of_a_channels_last_model(tmp_path):
