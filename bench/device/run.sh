@@ -10,7 +10,8 @@
 # Writes what comes back into $OUT (flat: the device tool returns at most 8 files, two folders deep): the suite's
 # JSON, and per training run its log, results.json (history with per-epoch step time and test accuracy) and plot;
 # with RETURN_WEIGHTS=1 also the exported model (timm Hub layout) in 15 MiB parts. `all` packs its small files into
-# one $OUT/all.tar at the end. The recipe's fast settings below are overridable by later key=value arguments.
+# one $OUT/all.tar at the end. The recipe's own GPU defaults (train.*: auto) apply unless key=value arguments
+# say otherwise.
 set -uo pipefail
 : "${OUT:=/tmp/out}"
 mkdir -p "$OUT"
@@ -87,7 +88,7 @@ case $stage in
     #                          the processes take turns on the GPU). Their epoch times are not a lone run's (accuracy
     #                          is unaffected). A run that fails runs again at once with RETRY_ARGS
     # A training run that fails (not cut off) is run again once with RETRY_ARGS (default train.compile=false; e.g.
-    # train.compile=true after trying TRAIN_ARGS=train.compile=reduce-overhead), and so are the ones after it.
+    # train.compile=true, as the recipe's `auto` compiles with CUDA graphs), and so are the ones after it.
     # STAGES, TRAIN_ARGS (key=value overrides for every training stage) and SUITE_ARGS are for smaller runs.
     # train:digits and recipe:digits need no carried data (scikit-learn's copy): a CPU check of the stages.
     # BUDGET_S counts from here, after the set-up (15-30 s on the GPU machine): keep it 60 s under the call's
@@ -229,7 +230,7 @@ case $stage in
     [ -d "device_data/$dataset" ] && data=(data.path="device_data/$dataset")
     rm -rf "/tmp/runs/$name"  # a fresh run: the recipe refuses a folder holding an earlier run's checkpoints
     python3 recipes/train.py --config "recipes/configs/$dataset.yaml" "${data[@]}" output_dir="/tmp/runs/$name" \
-      train.mixed_precision=bf16 train.channels_last=true train.compile=true train.checkpoint_epochs=1000 \
+      train.checkpoint_epochs=1000 \
       train.test_every_epoch=true train.eval_batch_size=2000 "$@" 2>&1 | tee "$OUT/$name.log"
     status=$?
     [ -f "/tmp/runs/$name/profile.txt" ] && cp "/tmp/runs/$name/profile.txt" "$OUT/$name-profile.txt"
