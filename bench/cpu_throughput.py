@@ -20,8 +20,8 @@ warm-up) and one for memory, so variants cannot share allocator caches. Peak ste
     weights or optimizer state. The analytic activation memory (``timm_asge.costs``) is printed next to it.
 
 Usage:
-    python bench/cpu_throughput.py                      # both models, all variants, defaults below
-    python bench/cpu_throughput.py --models asge_cnn_tiny --batch-sizes 256 --steps 10
+    python -m bench.cpu_throughput                      # both models, all variants, defaults below
+    python -m bench.cpu_throughput --models asge_cnn_tiny --batch-sizes 256 --steps 10
 """
 import argparse
 import json

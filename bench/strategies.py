@@ -1,6 +1,6 @@
 """Write bench/STRATEGIES.md: analytic costs of each prediction strategy and of a training step.
 
-Usage: python bench/strategies.py [--model asge_cnn] [--input-size 3 32 32] [--best-block 3] [--out bench/STRATEGIES.md]
+Usage: python -m bench.strategies [--model asge_cnn] [--input-size 3 32 32] [--best-block 3] [--out bench/STRATEGIES.md]
 """
 import argparse
 import shlex
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument('--best-block', type=int, default=3)
     parser.add_argument('--out', default=str(Path(__file__).with_name('STRATEGIES.md')))
     args = parser.parse_args()
-    command = 'python ' + ' '.join(shlex.quote(a) for a in ['bench/strategies.py'] + sys.argv[1:])
+    command = 'python ' + ' '.join(shlex.quote(a) for a in ['-m', 'bench.strategies'] + sys.argv[1:])
     text = render(args.model, tuple(args.input_size), args.best_block, command)
     Path(args.out).write_text(text)
     print(text)
