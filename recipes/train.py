@@ -91,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     if resume_from is not None:
-        checkpoints.resume(resume_from, num_custom=2)
+        checkpoints.resume(resume_from)
         accelerator.print(f'resumed from {resume_from}: epoch {state.epoch + 1}, batch {state.batch}, '
                           f'step {state.step}')
     accelerator.init_trackers('tensorboard', config=_flatten(config))

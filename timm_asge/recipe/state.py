@@ -1,14 +1,14 @@
 """Checkpoints the recipe can resume from exactly, mid-epoch included, and refuses when corrupt or foreign."""
+import hashlib
 import json
 import os
 import pickle
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from accelerate import Accelerator
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ..fileio import atomic_dir
 from .config import RecipeError
@@ -16,6 +16,7 @@ from .config import RecipeError
 __all__ = ['TrainState', 'Checkpoints', 'BEST_FILES']
 
 BEST_FILES = ('config.json', 'model.safetensors')  # what the Hub export writes into out/best
+MANIFEST = 'manifest.json'  # size and SHA-256 of every other file of a checkpoint, written last
 
 
 class TrainState:
@@ -49,7 +50,8 @@ class Checkpoints:
         return found[-1] if found else None
 
     def save(self, state: TrainState) -> None:
-        """``save_state`` into a temporary folder, then rename: a crash never leaves a half-written checkpoint."""
+        """``save_state`` into a temporary folder, then the manifest, then rename: a crash never leaves a half-written
+        checkpoint, and resume notices any file that went missing or changed since."""
         acc, final = self.accelerator, self.folder / f'step_{state.step:08d}'
         tmp = final.with_name(f'.tmp_{final.name}')
         if acc.is_main_process and tmp.exists():
@@ -60,6 +62,7 @@ class Checkpoints:
         if acc.is_main_process:
             if (self.out / 'best').is_dir():  # outside accelerate's state; a resume puts it back (see resume)
                 _link_files(self.out / 'best', tmp / 'best')
+            _write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -83,9 +86,9 @@ class Checkpoints:
                               f'output_dir={path.resolve().parent.parent}')
         return path
 
-    def resume(self, ckpt: Path, num_custom: int) -> None:
+    def resume(self, ckpt: Path) -> None:
         """Load ``ckpt`` into the prepared objects and put back its best model, after checking every file."""
-        _check_files(ckpt, num_custom)
+        _check_manifest(ckpt)
         best = self.out / 'best'
         foreign = sorted(p.name for p in best.iterdir() if p.name not in BEST_FILES) if best.is_dir() else []
         if foreign:
@@ -107,30 +110,35 @@ class Checkpoints:
         self.last = ckpt
 
 
-def _check_files(ckpt: Path, num_custom: int) -> None:
-    """Refuse a checkpoint with a missing or damaged file, naming it, before accelerate reads anything.
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    Every process checks every file (random states of all ranks included), so all stop alike. Torch files are zip
-    archives whose checksums are tested here; nothing is unpickled.
+
+def _write_manifest(ckpt: Path) -> None:
+    files = sorted(p for p in ckpt.rglob('*') if p.is_file())
+    manifest = {str(p.relative_to(ckpt)): {'size': p.stat().st_size, 'sha256': _sha256(p)} for p in files}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _check_manifest(ckpt: Path) -> None:
+    """Refuse a checkpoint whose files differ from its manifest (missing, cut short, changed, swapped), naming the
+    file, before accelerate reads anything. Every process checks every file, so all stop alike; nothing is unpickled.
     """
-    files = [ckpt / 'model.safetensors', ckpt / 'optimizer.bin', *sorted(ckpt.glob('random_states_*.pkl')),
-             *(ckpt / f'custom_checkpoint_{i}.pkl' for i in range(num_custom)),
-             *((ckpt / 'best' / name for name in BEST_FILES) if (ckpt / 'best').is_dir() else ())]
-    for path in files:
-        try:
-            if path.suffix == '.safetensors':
-                with safe_open(path, framework='pt'):
-                    pass
-            elif path.suffix == '.json':
-                json.loads(path.read_text(encoding='utf-8'))
-            else:
-                with zipfile.ZipFile(path) as archive:
-                    if archive.testzip() is not None:
-                        raise zipfile.BadZipFile('a member fails its checksum')
-        except FileNotFoundError:
-            raise _corrupt(ckpt, f'{path.relative_to(ckpt)}: missing') from None
-        except (zipfile.BadZipFile, EOFError, SafetensorError, OSError, ValueError) as err:
-            raise _corrupt(ckpt, f'{path.relative_to(ckpt)}: {err or type(err).__name__}') from None
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise _corrupt(ckpt, f'{MANIFEST}: {"missing" if isinstance(err, FileNotFoundError) else "unreadable"}') \
+            from None
+    for name, expected in manifest.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise _corrupt(ckpt, f'{name}: missing')
+        if path.stat().st_size != expected['size'] or _sha256(path) != expected['sha256']:
+            raise _corrupt(ckpt, f'{name}: changed since it was saved')
 
 
 def _corrupt(ckpt: Path, detail: str) -> RecipeError:
