@@ -1,5 +1,6 @@
 """Hub export, card, push and checked loading, all offline: local folders, a primed Hugging Face cache with
 HF_HUB_OFFLINE, and a fake HfApi receiving pushes."""
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -320,6 +321,7 @@ def test_broken_config(exported, text):
 
 def test_weights_that_do_not_fit_the_config(exported):
     _, _, out = exported
+    (out / 'README.md').unlink()  # a folder without our card: no recorded hashes
     _edit_config(out, **{'model_args.widths': [16, 64, 64, 128]})
     with pytest.raises(CheckpointError, match='stages.0.conv.weight') as info:
         hub.create_model_checked(f'local-dir:{out}')
@@ -333,3 +335,45 @@ def test_local_dir_expands_home_and_refuses_features_only(exported, monkeypatch,
         assert torch.equal(hub.create_model_checked(f'local-dir:~/{out.name}').eval()(x), model(x))
     with pytest.raises(ValueError, match='forward_intermediates'):
         hub.create_model_checked(f'local-dir:{out}', features_only=True)
+
+
+@pytest.mark.parametrize('name, edit', [
+    ('config.json', lambda out: _edit_config(out, **{'model_args.pool_type': 'avg'})),  # loads, and costs accuracy
+    ('model.safetensors', lambda out: (out / 'model.safetensors').write_bytes(
+        _flip_last_weight_bit((out / 'model.safetensors').read_bytes()))),
+])
+def test_files_changed_since_export_are_refused(exported, name, edit):
+    _, _, out = exported
+    edit(out)
+    with pytest.raises(CheckpointError, match=rf'{name} its model card .*SHA-256'):
+        hub.create_model_checked(f'local-dir:{out}')
+
+
+def _flip_last_weight_bit(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])  # the last tensor's last byte: still a valid file
+
+
+def test_non_finite_weights_are_refused(exported):
+    model, _, out = exported
+    (out / 'README.md').unlink()
+    poisoned = copy.deepcopy(model)
+    with torch.no_grad():
+        poisoned.stages[1].conv.weight[0, 0, 0, 0] = float('nan')
+    hub.save_pretrained(poisoned, out)
+    with pytest.raises(CheckpointError, match=r'NaN or infinite values in stages\.1\.conv\.weight'):
+        hub.create_model_checked(f'local-dir:{out}')
+
+
+@pytest.mark.parametrize('change, fact', [
+    ({'model_args.alpha': 7}, 'numbers'),  # grids of 2M cells a block: hundreds of GB of projections
+    ({'model_args.widths': [4096] * 64, 'model_args.downsample': [False] * 64}, 'numbers'),
+    ({'model_args.surprise': 1}, 'surprise'),
+    ({'model_args.best_block': 17}, 'best_block=17'),
+])
+def test_hostile_configs_are_refused_before_allocating(exported, change, fact):
+    _, _, out = exported
+    (out / 'README.md').unlink()
+    _edit_config(out, **change)
+    with pytest.raises(CheckpointError, match=fact) as info:
+        hub.create_model_checked(f'local-dir:{out}')
+    assert str(out / 'config.json') in str(info.value)

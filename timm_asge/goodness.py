@@ -184,10 +184,13 @@ class FixedProjection(nn.Module):
         self.in_features = in_features
         self.num_classes = num_classes
         self.seed = seed
-        generator = torch.Generator().manual_seed(seed)
-        scale = 1.0 / math.sqrt(max(num_classes, 1))
-        weight = torch.randn(in_features, num_classes, generator=generator) * scale
-        bias = torch.randn(num_classes, generator=generator) * scale
+        if torch.device(device or 'cpu').type == 'meta':  # shapes only (timm builds on meta to size or defer init)
+            weight, bias = torch.empty(in_features, num_classes, device='meta'), torch.empty(num_classes, device='meta')
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            scale = 1.0 / math.sqrt(max(num_classes, 1))
+            weight = torch.randn(in_features, num_classes, generator=generator) * scale
+            bias = torch.randn(num_classes, generator=generator) * scale
         self.register_buffer('weight', weight.to(device=device, dtype=dtype))
         self.register_buffer('bias', bias.to(device=device, dtype=dtype))
 

@@ -16,6 +16,7 @@ Command line::
 """
 import argparse
 import copy
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -45,6 +46,9 @@ REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 CARDS_DIR = Path(__file__).resolve().parent.parent / 'hub_cards'
 # What a registry-name load may build differently without changing what the weights compute.
 RUNTIME_ARGS = ('prediction', 'best_block', 'drop_rate')
+# Parameters and buffers a checkpoint may ask for: far above any ASGE network (asge_vgg11_w64 for ImageNet: 20M), far
+# below what a hostile config.json could make the loader allocate.
+MAX_NUMBERS = 2 ** 28
 
 
 class CheckpointError(ValueError):
@@ -81,11 +85,12 @@ def _check_architecture(arch: Any, source: str) -> None:
                               f'{", ".join(timm.list_models("asge*"))}); upgrade timm-asge or fix the name')
 
 
-def _check_config(path: Path) -> None:
+def _check_config(path: Path, kwargs: Dict[str, Any]) -> None:
+    """A timm config of an ASGE network this package can build, and of a bounded size (a Hub repo is untrusted)."""
     try:
         config = json.loads(path.read_text(encoding='utf-8'))
         arch = config['architecture']
-        assert isinstance(config['pretrained_cfg'], dict)
+        assert isinstance(config['pretrained_cfg'], dict) and isinstance(config.get('model_args', {}), dict)
     except FileNotFoundError:
         raise CheckpointError(f'no {CONFIG_NAME} at {path}; save the model with timm_asge.hub.save_pretrained') \
             from None
@@ -93,6 +98,16 @@ def _check_config(path: Path) -> None:
         raise CheckpointError(f'{path} is not a timm config ({type(e).__name__}: {e}); download or export it '
                               f'again') from None
     _check_architecture(arch, str(path))
+    args = {'num_classes': config.get('num_classes', config['pretrained_cfg'].get('num_classes')),
+            **config.get('model_args', {}), **kwargs}
+    try:  # on the meta device: sizes without memory
+        network = timm.create_model(arch, device='meta', **{k: v for k, v in args.items() if v is not None})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'{path} describes no valid {arch} ({e}); download or export it again') from None
+    numbers = sum(t.numel() for t in (*network.parameters(), *network.buffers()))
+    if numbers > MAX_NUMBERS:
+        raise CheckpointError(f'{path} describes a network of {numbers:,} numbers, more than the {MAX_NUMBERS:,} '
+                              f'loaded from a checkpoint; it is not an ASGE export: download or export it again')
 
 
 def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
@@ -100,10 +115,30 @@ def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f'no {WEIGHTS_NAME} at {path}; only safetensors weights are read: save the model '
                               f'with timm_asge.hub.save_pretrained')
     try:
-        return load_file(path, device='cpu')
+        state_dict = load_file(path, device='cpu')
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f'{path} is corrupt or truncated ({e}); delete it, then download or export it '
                               f'again') from None
+    broken = [k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise CheckpointError(f'{path} holds NaN or infinite values in {", ".join(broken[:3])}'
+                              f'{" and more" if len(broken) > 3 else ""}; it is not a trained model: export it again')
+    return state_dict
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_card_hashes(card: Optional[Path], files: Dict[str, Optional[Path]]) -> None:
+    """The files an export's card recorded (``sha256`` in its metadata) are the files being loaded."""
+    if card is None or not card.is_file():
+        return
+    recorded = ModelCard.load(card).data.to_dict().get('sha256') or {}
+    for name, path in files.items():
+        if path is not None and name in recorded and _sha256(path) != recorded[name]:
+            raise CheckpointError(f'{path} is not the {name} its model card {card} was exported with (SHA-256 '
+                                  f'differs); download or export the repo again')
 
 
 def _download(repo_id: str, filename: str, revision: Optional[str], cache_dir: Optional[Union[str, Path]]) -> Path:
@@ -137,12 +172,17 @@ def create_model_checked(model_name: str, cache_dir: Optional[Union[str, Path]] 
     if model_name.startswith('local-dir:'):
         folder = Path(model_name[len('local-dir:'):]).expanduser()
         model_name = f'local-dir:{folder}'  # timm does not expand ~
-        _check_config(folder / CONFIG_NAME)
-        weights = folder / WEIGHTS_NAME
+        config, weights, card = folder / CONFIG_NAME, folder / WEIGHTS_NAME, folder / CARD_NAME
+        _check_config(config, kwargs)
     elif model_name.startswith('hf-hub:'):
         repo_id, _, revision = model_name[len('hf-hub:'):].partition('@')
-        _check_config(_download(repo_id, CONFIG_NAME, revision or None, cache_dir))
+        config = _download(repo_id, CONFIG_NAME, revision or None, cache_dir)
+        _check_config(config, kwargs)
         weights = _download(repo_id, WEIGHTS_NAME, revision or None, cache_dir)
+        try:
+            card = _download(repo_id, CARD_NAME, revision or None, cache_dir)
+        except CheckpointError:  # a repo without our card has no hashes to check
+            card = None
     else:
         _check_architecture(model_name.split('.', 1)[0], f'the model name {model_name!r}')
         try:
@@ -154,7 +194,9 @@ def create_model_checked(model_name: str, cache_dir: Optional[Union[str, Path]] 
                                   f'pretrained=True), or load a folder with "local-dir:<path>"')
         repo_id, _, revision = cfg.hf_hub_id.partition('@')
         weights = _download(repo_id, cfg.hf_hub_filename or WEIGHTS_NAME, revision or None, cache_dir)
+        config = card = None
     state_dict = _read_weights(weights)
+    _check_card_hashes(card, {CONFIG_NAME: config, WEIGHTS_NAME: weights})
 
     # Build without weights, then load the checked state dict through timm's loader: its num_classes / in_chans
     # adaptation is the one every timm model gets.
@@ -189,6 +231,7 @@ def build_card(
         metadata: Optional[Dict[str, Any]] = None,
         repo_id: Optional[str] = None,
         template: Union[str, Path] = CARDS_DIR / 'template.md',
+        sha256: Optional[Dict[str, str]] = None,
 ) -> str:
     """Render the model card (``README.md``) of a trained checkpoint.
 
@@ -197,6 +240,7 @@ def build_card(
         metadata: A ``hub_cards/<name>.yaml``: name, description, license, dataset title and Hub id, paper accuracy.
         repo_id: Hub repo the card's usage snippet loads; defaults to the metadata's, else ``timm-asge/<name>``.
         template: Jinja card template.
+        sha256: SHA-256 of the repo's files, recorded in the card's metadata and checked by create_model_checked.
 
     Returns:
         The card: YAML metadata with a ``model-index`` entry per prediction strategy, then the template's body.
@@ -215,6 +259,7 @@ def build_card(
         pipeline_tag='image-classification',
         metrics=['accuracy'],
         model_name=name,
+        sha256=sha256,
         eval_results=[EvalResult(
             task_type='image-classification',
             dataset_type=dataset.get('hub_id') or dataset['name'],
@@ -310,11 +355,12 @@ def export(
         raise ValueError(f'the run trained {model.pretrained_cfg["architecture"]!r}, not {arch!r}; pass a matching '
                          f'--name or --metadata')
     _check_registry_name(name, model)
-    card = build_card(results, dict(meta, name=name), repo_id=repo_id)
     model_config = dict(label_names=model.pretrained_cfg.get('label_names'), pretrained_cfg=dict(tag=tag or None))
     with atomic_dir(out_dir, replaceable=REPO_FILES) as tmp:
         save_for_hf(
             model, tmp, model_config=model_config, model_args=model.architecture_args(), safe_serialization=True)
+        hashes = {name: _sha256(tmp / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
+        card = build_card(results, dict(meta, name=name), repo_id=repo_id, sha256=hashes)
         (tmp / CARD_NAME).write_text(card, encoding='utf-8')
     return Path(out_dir)
 
