@@ -25,7 +25,6 @@ import math
 import re
 import shlex
 import statistics
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 

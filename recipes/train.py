@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from timm_asge.engine import LocalLearner, param_groups
 from timm_asge.recipe import (
     Checkpoints, JsonlTracker, RecipeData, RecipeError, TrainState, accuracy_on, build_model, cosine_schedule,
-    cudagraph_skips, describe_hardware, finish, git_commit, load_config, plot_history, resolve_auto, run_command,
-    save_best, start_profiler, strategy_metric, train_one_epoch,
+    cudagraph_skips, describe_hardware, finish, git_commit, hold_output_dir, load_config, plot_history, resolve_auto,
+    run_command, save_best, start_profiler, strategy_metric, train_one_epoch,
 )
 
 PLOT_INTERVAL_S = 60.0  # a plot takes as long as a digits epoch on a CPU: mid-run, at most one a minute
@@ -66,6 +66,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         log_with=[JsonlTracker(out / 'log.jsonl')] + (['tensorboard'] if cfg['tensorboard'] else []),
         dynamo_plugin=TorchDynamoPlugin(backend=cfg['compile_backend'], mode=mode) if cfg['compile'] else None,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    with hold_output_dir(out, holder=accelerator.is_main_process):
+        return train(args, config, run, out, accelerator)
+
+
+def train(args: argparse.Namespace, config: Dict[str, Any], run: Dict[str, Any], out: Path,
+          accelerator: Accelerator) -> Dict[str, Any]:
+    """Build, resume, train epoch by epoch, finish: the run ``main`` set up, in the output folder it holds."""
+    cfg = config['train']
     checkpoints = Checkpoints(accelerator, out, cfg['keep_checkpoints'])
     resume_from = checkpoints.find(args.resume) if args.resume else None
     if resume_from is None and checkpoints.last is not None:  # a fresh run would mix its checkpoints into these

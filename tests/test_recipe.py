@@ -1,7 +1,6 @@
 """The training recipe end to end: the README's main job, config errors, NaN stop, kill + resume, 2 processes."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from bench.accuracy_report import summarise
 from conftest import ROOT, free_port, load_script, shared_dataset
 from timm_asge.data import load_tensors, to_model_input
 from timm_asge.engine import param_groups
-from timm_asge.recipe import RecipeError, build_model, cosine_schedule, cudagraph_skips, load_config, resolve_auto
+from timm_asge.recipe import RecipeError, cosine_schedule, cudagraph_skips, hold_output_dir, load_config, resolve_auto
 
 recipe, validate = load_script('train'), load_script('validate')
 
@@ -94,8 +93,9 @@ def test_config_errors_stop_at_once(tmp_path, override, message):
 
 
 def test_config_files_that_are_not_yaml_mappings_stop_with_where(tmp_path):
-    for name, text, message in [('broken.yaml', 'train: [1, 2\n', r"config file '.*broken.yaml' is not valid YAML.*line 2"),
-                                ('list.yaml', '- 1\n- 2\n', 'holds a list, not a mapping of sections')]:
+    for name, text, message in [
+            ('broken.yaml', 'train: [1, 2\n', r"config file '.*broken.yaml' is not valid YAML.*line 2"),
+            ('list.yaml', '- 1\n- 2\n', 'holds a list, not a mapping of sections')]:
         (tmp_path / name).write_text(text)
         with pytest.raises(RecipeError, match=message):
             load_config(str(tmp_path / name), [])
@@ -244,6 +244,17 @@ def test_resume_names_and_fresh_runs_into_a_used_output_dir(tmp_path, capsys):
             recipe.main(other + ['--resume', str(path)])
     with pytest.raises(RecipeError, match='--resume found no checkpoint in .*empty.checkpoints; train without'):
         recipe.main(['--config', DIGITS, f'output_dir={tmp_path / "empty"}', '--resume'])
+
+
+def test_a_run_holds_its_output_dir(tmp_path):
+    """A second run, or a --resume, on the folder of a live run is refused; the folder is free again after it."""
+    args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.max_steps=2']
+    with hold_output_dir(tmp_path):  # a live run (in another process, the lock is the same)
+        for extra in ([], ['--resume']):
+            with pytest.raises(RecipeError, match='in use by another run'):
+                recipe.main(args + extra)
+        assert not (tmp_path / 'checkpoints').exists()
+    assert recipe.main(args)['steps'] == 2
 
 
 def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):
@@ -425,7 +436,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return out
 
     monkeypatch.setattr(recipe.LocalLearner, 'forward', poisoned)
-    with pytest.raises(RecipeError, match=r'non-finite loss in block 3 at step 13.*last good checkpoint is .*step_0+10'):
+    with pytest.raises(RecipeError, match=r'non-finite loss in block 3 at step 13.*last good checkpoint .*step_0+10'):
         recipe.main(['--config', DIGITS, f'output_dir={tmp_path}', 'train.checkpoint_every=5', 'train.log_every=5',
                      'train.epochs=2'])
     checkpoints = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())

@@ -1,11 +1,13 @@
 """Checkpoints the recipe can resume from exactly, mid-epoch included, and refuses when corrupt or foreign."""
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from accelerate import Accelerator
 from safetensors import SafetensorError
@@ -13,10 +15,26 @@ from safetensors import SafetensorError
 from ..fileio import atomic_dir
 from .config import RecipeError
 
-__all__ = ['TrainState', 'Checkpoints', 'BEST_FILES']
+__all__ = ['TrainState', 'Checkpoints', 'BEST_FILES', 'hold_output_dir']
 
 BEST_FILES = ('config.json', 'model.safetensors')  # what the Hub export writes into out/best
 MANIFEST = 'manifest.json'  # size and SHA-256 of every other file of a checkpoint, written last
+
+
+@contextlib.contextmanager
+def hold_output_dir(out: Path, holder: bool = True) -> Iterator[None]:
+    """Hold ``out`` for this run (an exclusive lock on ``out/.lock``, released when the process ends, also by a kill):
+    a second run or a ``--resume`` started while this one is alive is refused instead of mixing its files in."""
+    if not holder:  # one process of a multi-process run holds it for all
+        yield
+        return
+    with open(out / '.lock', 'a') as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RecipeError(f'{out} is in use by another run; wait for it to end, or pass another '
+                              f'output_dir=<folder>') from None
+        yield
 
 
 class TrainState:
