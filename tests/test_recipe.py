@@ -82,6 +82,9 @@ def test_digits_main_job(tmp_path):
     ('train.mode=sgd', "train.mode='sgd'; choose one of fused, lean, backprop"),
     ('data.color_jitter=[0.4,0.4]', r'color_jitter=\[0.4, 0.4\] must be \[brightness, contrast, saturation, hue\]'),
     ('train.min_lr=1', 'train.min_lr=1 must be at most train.lr=0.002'),
+    ('train.lr=1e308', 'train.lr=1e[+]?308 must be a number from 1e-12 to 1'),
+    ('train.weight_decay=-1', 'train.weight_decay=-1 must be a number from 0 to 1'),
+    ('data.hflip=maybe', "data.hflip='maybe' must be true or false"),
     ('model.name=asge_cnnn', "model.name='asge_cnnn' is not an ASGE model; choose one of asge_cnn, asge_cnn_tiny"),
     ('model.name=resnet18', "model.name='resnet18' is not an ASGE model"),
     ('model.args.foo=1', "cannot build model 'asge_cnn_tiny' with model.args=.*unexpected keyword argument 'foo'"),
@@ -255,6 +258,24 @@ def test_a_run_holds_its_output_dir(tmp_path):
                 recipe.main(args + extra)
         assert not (tmp_path / 'checkpoints').exists()
     assert recipe.main(args)['steps'] == 2
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
+    args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.max_steps=2']
+    recipe.main(args)
+    save_state = recipe.Accelerator.save_state
+
+    def fill_the_disk(self, output_dir=None, **kwargs):
+        save_state(self, output_dir, **kwargs)  # writes most of the files, then the disk is full
+        raise RuntimeError('[enforce fail at inline_container.cc:626] . unexpected pos; No space left on device')
+
+    monkeypatch.setattr(recipe.Accelerator, 'save_state', fill_the_disk)
+    with pytest.raises(RecipeError, match=r'no space left on .*checkpoints for step_00000003 .*earlier checkpoints '
+                                         r'are kept'):
+        recipe.main(args[:-1] + ['train.max_steps=3', '--resume'])
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step_00000002']  # no partial folder
+    monkeypatch.undo()
+    assert recipe.main(args[:-1] + ['train.max_steps=3', '--resume'])['steps'] == 3
 
 
 def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):

@@ -79,8 +79,8 @@ RANGES = {  # (least, most), both allowed
     'data.val_size': (0, None), 'data.img_size': (1, None), 'data.crop_padding': (0, None),
     'data.grayscale_p': (0, 1), 'data.num_workers': (0, None), 'data.split_seed': (0, 2**32 - 1),
     'train.epochs': (1, None), 'train.max_steps': (1, None), 'train.stop_after_epochs': (1, None),
-    'train.batch_size': (1, None), 'train.lr': (1e-12, None), 'train.min_lr': (0, None),
-    'train.weight_decay': (0, None),
+    'train.batch_size': (1, None), 'train.lr': (1e-12, 1), 'train.min_lr': (0, None),
+    'train.weight_decay': (0, 1),  # AdamW's decoupled decay: a factor of (1 - lr * weight_decay) a step
     'train.seed': (0, 2**32 - 1), 'train.log_every': (1, None), 'train.checkpoint_every': (0, None),
     'train.checkpoint_epochs': (1, None), 'train.keep_checkpoints': (1, None), 'train.eval_batch_size': (1, None),
     'train.profile_steps': (0, None),

@@ -1,5 +1,6 @@
 """Checkpoints the recipe can resume from exactly, mid-epoch included, and refuses when corrupt or foreign."""
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -75,12 +76,20 @@ class Checkpoints:
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                if (self.out / 'best').is_dir():  # outside accelerate's state; a resume puts it back (see resume)
+                    _link_files(self.out / 'best', tmp / 'best')
+                _write_manifest(tmp)
+        except (OSError, RuntimeError, SafetensorError) as err:  # torch's and safetensors' writers wrap OSError
+            shutil.rmtree(tmp, ignore_errors=True)
+            full = getattr(err, 'errno', None) == errno.ENOSPC or 'No space' in str(err) or 'os error 28' in str(err)
+            raise RecipeError(f'{"no space left on" if full else "cannot write"} {self.folder} for {final.name} '
+                              f'({err}); the earlier checkpoints are kept (a run needs room for keep_checkpoints + 1): '
+                              f'free space, then --resume') from None
         if acc.is_main_process:
-            if (self.out / 'best').is_dir():  # outside accelerate's state; a resume puts it back (see resume)
-                _link_files(self.out / 'best', tmp / 'best')
-            _write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
