@@ -17,7 +17,7 @@ warm-up) and one for memory, so variants cannot share allocator caches. Peak ste
     * CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus ``memory_allocated()``
       before the step (timed steps synchronise after every step).
     Either way the figure covers activations, gradients (``zero_grad`` sets them to None) and temporaries, not the
-    weights or optimizer state. The analytic activation memory (``timm_asge.costs``) is printed next to it.
+    weights or optimizer state. The saved-tensor count of a one-image step (``timm_asge.costs``) is printed next to it.
 
 Usage:
     python -m bench.cpu_throughput                      # both models, all variants, defaults below
@@ -146,7 +146,7 @@ def run_worker(model_name: str, variant: str, batch_size: int, warmup: int, step
     return dict(
         result,
         peak_step_mib=peak_bytes / 2 ** 20,
-        analytic_activation_mib=training_activation_bytes(model, input_size, variant) * batch_size / 2 ** 20,
+        saved_activation_mib=training_activation_bytes(model, input_size, variant) * batch_size / 2 ** 20,
         memory_method=method,
     )
 
@@ -212,12 +212,12 @@ def environment(device: str) -> Dict[str, Any]:
 
 def _format_table(rows) -> str:
     header = (f"{'model':<14} {'variant':<9} {'batch':>5} {'img/s':>9} {'step ms (median)':>16} {'peak step MiB':>14} "
-              f"{'analytic act. MiB':>18}")
+              f"{'saved act. MiB':>18}")
     lines = [header, '-' * len(header)]
     for r in rows:
         lines.append(
             f"{r['model']:<14} {r['variant']:<9} {r['batch_size']:>5} {r['images_per_s']:>9.1f} "
-            f"{1000 * r['step_s_median']:>16.1f} {r['peak_step_mib']:>14.1f} {r['analytic_activation_mib']:>18.1f}")
+            f"{1000 * r['step_s_median']:>16.1f} {r['peak_step_mib']:>14.1f} {r['saved_activation_mib']:>18.1f}")
     return '\n'.join(lines)
 
 

@@ -6,7 +6,7 @@ AdamW (optionally ``torch.compile``):
     (b) peak memory of a step at the memory batch (512): ``torch.cuda.max_memory_allocated()`` after
         ``reset_peak_memory_stats()`` minus ``memory_allocated()`` before the step (so activations, gradients and
         temporaries; not the weights or the AdamW state, which exist before the step);
-    (c) FLOP utilisation: analytic training FLOPs per image (``timm_asge.costs.training_flops``: forward + conv weight
+    (c) FLOP utilisation: measured training FLOPs per image (``timm_asge.costs.training_flops``: forward + conv weight
         gradients, plus conv input gradients for backprop) x images/s / the card's peak dense bf16 FLOP/s;
     (d) a ``torch.profiler`` table of the top ops of one step per variant;
     (e) the on-device augmentation of the CIFAR recipe, eager and compiled, with a check that it makes no host sync.
@@ -192,7 +192,7 @@ def measure(args, variant: str, batch_size: int, device: torch.device, peak: Opt
         step_ms=1000 * elapsed / args.steps,
         images_per_s=images_per_s,
         peak_step_mib=peak_bytes / 2 ** 20,
-        analytic_activation_mib_fp32=training_activation_bytes(model, args.input_size, variant) * batch_size / 2 ** 20,
+        saved_activation_mib=training_activation_bytes(model, args.input_size, variant) * batch_size / 2 ** 20,
         train_gflop_per_image=flops_per_image / 1e9,
         achieved_tflops=flops_per_image * images_per_s / 1e12,
         flop_utilisation=flops_per_image * images_per_s / peak if peak else None,
@@ -265,7 +265,7 @@ def _table(rows: List[Dict[str, Any]]) -> str:
         util = f"{100 * r['flop_utilisation']:.1f}%" if r['flop_utilisation'] is not None else '-'
         lines.append(
             f"{r['variant']:<9} {r['batch_size']:>5} {r['images_per_s']:>10.1f} {r['step_ms']:>9.2f} "
-            f"{r['peak_step_mib']:>9.1f} {r['analytic_activation_mib_fp32']:>14.1f} "
+            f"{r['peak_step_mib']:>9.1f} {r['saved_activation_mib']:>14.1f} "
             f"{r['train_gflop_per_image']:>9.3f} {r['achieved_tflops']:>8.2f} {util:>6}")
     return '\n'.join(lines)
 
@@ -388,7 +388,7 @@ def main() -> None:
                   f"CUDA graphs, so that row is not all CUDA graphs (TORCH_LOGS=cudagraphs says why)")
     print(f'\nmemory at batch {args.memory_batch}: max_memory_allocated - allocated before the step '
           f"({'CUDA' if device.type == 'cuda' else 'CPU: live tensor bytes counted at dispatch'}); "
-          '"act. MiB fp32" is the analytic float32 activation model (bf16 autocast stores less)')
+          '"act. MiB fp32" is the saved-tensor count of a float32 one-image step times the batch (bf16 stores less)')
     for p in profiles:
         print(f"\n(d) profile: {p['variant']}, batch {p['batch_size']}, sorted by {p['sort_by']}")
         print(p['table'])

@@ -48,9 +48,9 @@ def step_peak_bytes(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
     finally:
         engine.check_labels = original_check
     # Outside FakeTensorMode: the package measures saved tensors on a real one-image step.
-    analytic = training_activation_bytes(timm.create_model(args.model), args.input_size, variant) * args.batch_size
+    saved = training_activation_bytes(timm.create_model(args.model), args.input_size, variant) * args.batch_size
     return dict(variant=variant, precision='bf16 autocast' if args.amp else 'fp32', batch_size=args.batch_size,
-                peak_step_mib=meter.peak / 2 ** 20, analytic_activation_mib_fp32=analytic / 2 ** 20)
+                peak_step_mib=meter.peak / 2 ** 20, saved_activation_mib=saved / 2 ** 20)
 
 
 def main() -> None:
@@ -69,14 +69,14 @@ def main() -> None:
 
     print(f"{args.model} {'x'.join(map(str, args.input_size))}, batch {args.batch_size}, fused AdamW: "
           f"peak extra memory of one training step (tensor bytes, counted without computing)")
-    header = f"{'precision':<14} {'variant':<9} {'peak MiB':>9} {'x backprop':>10} {'analytic act. MiB fp32':>22}"
+    header = f"{'precision':<14} {'variant':<9} {'peak MiB':>9} {'x backprop':>10} {'saved act. MiB fp32':>22}"
     print(header + '\n' + '-' * len(header))
     verdicts = {}
     for row in rows:
         backprop = next(r for r in rows if r['precision'] == row['precision'] and r['variant'] == 'backprop')
         row['ratio_to_backprop'] = row['peak_step_mib'] / backprop['peak_step_mib']
         print(f"{row['precision']:<14} {row['variant']:<9} {row['peak_step_mib']:>9.1f} "
-              f"{row['ratio_to_backprop']:>10.2f} {row['analytic_activation_mib_fp32']:>22.1f}")
+              f"{row['ratio_to_backprop']:>10.2f} {row['saved_activation_mib']:>22.1f}")
         if row['variant'] == 'lean':
             verdicts[row['precision']] = row['ratio_to_backprop'] <= 0.5
     print('\ntarget, lean <= 0.5 x backprop: '

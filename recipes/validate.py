@@ -3,8 +3,8 @@
 
     python recipes/validate.py --model local-dir:outputs/digits/export --config recipes/configs/digits.yaml
     python recipes/validate.py --model outputs/digits --config recipes/configs/digits.yaml --out digits-test.json
-    accelerate launch recipes/validate.py --model hf-hub:timm-asge/asge_cnn.mnist --config recipes/configs/mnist.yaml \\
-        data.path=/data/mnist
+    accelerate launch -q --config_file recipes/accelerate.yaml recipes/validate.py --model hf-hub:<org>/<name> \\
+        --config recipes/configs/mnist.yaml data.path=/data/mnist
 
 ``--model`` takes what ``timm.create_model(..., pretrained=True)`` loads (``hf-hub:org/name[@revision]``,
 ``local-dir:<folder>``, a registry name with published weights) or a training run's folder (its ``export/``). The
@@ -12,7 +12,7 @@ weights are read with safetensors only and checked against the network before an
 from the config's ``data`` section exactly as in training (``key=value`` overrides work the same way): its test split,
 or the split ``--split`` names, without augmentation; ``train.eval_batch_size``, ``train.mixed_precision`` and
 ``train.cpu`` apply too. ``best`` reads the block chosen on the validation split when the model was trained (stored in
-its weights); it is never chosen on the split under test, and is reported as not chosen when the model has none.
+its config.json); it is never chosen on the split under test, and is reported as not chosen when the model has none.
 """
 import argparse
 import sys
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 from accelerate import Accelerator
 
 from timm_asge.costs import strategy_costs
@@ -28,7 +29,7 @@ from timm_asge.hub import create_model_checked
 from timm_asge.models import AsgeCnn
 from timm_asge.recipe import (
     RecipeError, accuracy_on, check_img_size, describe_hardware, eval_batches, git_commit, load_config, load_split,
-    run_command, split_label_names, write_json,
+    resolve_auto, run_command, split_label_names, write_json,
 )
 
 
@@ -72,8 +73,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.out and Path(args.out).is_dir():
         raise RecipeError(f'--out {args.out} is a folder; pass a file path such as {Path(args.out) / "results.json"}')
 
-    mixed_precision = 'no' if train_cfg['mixed_precision'] == 'auto' else train_cfg['mixed_precision']
-    accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=mixed_precision)
+    precision = resolve_auto(train_cfg, cuda=not train_cfg['cpu'] and torch.cuda.is_available())['mixed_precision']
+    accelerator = Accelerator(cpu=train_cfg['cpu'], mixed_precision=precision)
     try:
         with accelerator.main_process_first():
             data = load_split(data_cfg, split)
