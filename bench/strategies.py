@@ -10,7 +10,8 @@ from pathlib import Path
 import timm
 
 import timm_asge  # noqa: F401 (registers the asge_* models)
-from timm_asge.costs import TRAINING_MODES, strategy_costs, training_activation_bytes
+from timm_asge.costs import strategy_costs, training_activation_bytes
+from timm_asge.engine import MODES
 
 
 def _human(value: float, unit: str = '') -> str:
@@ -50,7 +51,7 @@ def render(model_name: str, input_size, best_block: int, command: str) -> str:
         '| training | activation memory / image | at batch 512 |',
         '|---|---:|---:|',
     ]
-    for mode in TRAINING_MODES:
+    for mode in MODES:
         num_bytes = training_activation_bytes(model, input_size, mode)
         lines.append(f'| {mode} | {_kib(num_bytes)} | {num_bytes * 512 / 2 ** 30:.2f} GiB |')
     lines += [

@@ -3,7 +3,8 @@ import pytest
 import torch
 import timm
 
-from timm_asge.costs import TRAINING_MODES, strategy_costs, training_activation_bytes, training_flops
+from timm_asge.costs import strategy_costs, training_activation_bytes, training_flops
+from timm_asge.engine import MODES
 
 TINY_INPUT = (1, 16, 16)
 NUM_CLASSES = 10
@@ -102,7 +103,7 @@ def test_training_activation_bytes_of_tiny_by_hand():
     # Local graph of block l: input + Y (the one map the fused ReLU-goodness node keeps) + N log-probabilities.
     graphs = [IN[i] + Y[i] + NUM_CLASSES for i in range(4)]
     read_out = FUSION_FEATURES + NUM_CLASSES
-    measured = {mode: training_activation_bytes(model, TINY_INPUT, mode) for mode in TRAINING_MODES}
+    measured = {mode: training_activation_bytes(model, TINY_INPUT, mode) for mode in MODES}
     # Lean: one block's graph at a time; block 1's is the largest.
     assert measured['lean'] == pytest.approx(4 * graphs[1], abs=SCALARS)
     assert measured['fused'] == pytest.approx(4 * (sum(graphs) + read_out), abs=SCALARS)

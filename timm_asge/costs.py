@@ -18,12 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .engine import MODES, LocalLearner
+from .engine import LocalLearner
 from .models.asge_cnn import AsgeCnn
 
-__all__ = ['strategy_costs', 'training_flops', 'training_activation_bytes', 'TRAINING_MODES']
-
-TRAINING_MODES = MODES
+__all__ = ['strategy_costs', 'training_flops', 'training_activation_bytes']
 
 
 def _one_image(model: nn.Module, input_size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -172,17 +172,15 @@ def evaluate(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]
     """
     was_training = model.training
     model.eval()
-    correct, total = None, None
+    correct, total = None, 0
     for images, labels in batches:
-        logits = model.block_logits(images)
-        batch_correct = torch.stack([(out.argmax(dim=1) == labels).sum() for out in logits])
+        batch_correct = torch.stack([(out.argmax(dim=1) == labels).sum() for out in model.block_logits(images)])
         correct = batch_correct if correct is None else correct + batch_correct
-        count = torch.tensor(labels.shape[0], device=labels.device)
-        total = count if total is None else total + count
+        total += labels.shape[0]
     model.train(was_training)
     if correct is None:
         raise ValueError('evaluate() got no batches; the evaluation split is empty')
-    return correct, total
+    return correct, torch.tensor(total, device=correct.device)
 
 
 def pick_best_block(block_accuracy: Sequence[float]) -> int:
@@ -216,8 +214,8 @@ def all_reduce_gradients(module: nn.Module) -> None:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return
-    flat = torch._utils._flatten_dense_tensors(grads)
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    for grad, synced in zip(grads, flat.split([grad.numel() for grad in grads])):
+        grad.copy_(synced.view_as(grad))

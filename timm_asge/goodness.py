@@ -23,15 +23,10 @@ _MIN_VIEW_CELL_AREA = 256
 
 
 def grid_size(channels: int, ref_channels: int, alpha: float = 1.0) -> int:
-    """Side of the goodness grid of a block, ``P_l = (C_L / C_l) ** alpha``.
+    """Side of the goodness grid of a block with ``channels`` (C_l), ``P_l = (C_L / C_l) ** alpha``.
 
     The paper's rule gives integers for power-of-two widths (512 -> 1, 256 -> 2, 128 -> 4, 64 -> 8 with C_L = 512).
     Other widths round to the nearest integer, never below 1, so a block wider than the reference keeps a 1x1 grid.
-
-    Args:
-        channels: Output channels of the block (C_l).
-        ref_channels: Reference width (C_L, the last block's width).
-        alpha: Grid exponent.
     """
     if channels <= 0 or ref_channels <= 0:
         raise ValueError(f'channel counts must be positive, got channels={channels}, ref_channels={ref_channels}')
@@ -60,14 +55,8 @@ def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
     Accumulated in float32 whatever the input dtype (squares of bf16 activations lose too much precision). Large
     equal cells (16x16 and up: the biggest maps) are reduced in one pass over a view of ``y``, so no full-size
     temporary is made; smaller or unequal cells go through adaptive pooling of the squares (reductions over small
-    strided windows are slow).
-
-    Args:
-        y: Feature map (B, C, H, W), H and W at least ``grid``.
-        grid: Cells per side.
-
-    Returns:
-        Goodness vector (B, C * grid * grid), float32 (float64 for float64 input).
+    strided windows are slow). ``y`` is (B, C, H, W) with H and W at least ``grid``; the result is (B, C * grid**2),
+    float32 (float64 for float64 input).
     """
     dtype = _accumulation_dtype(y)
     cells = _cells(y, grid)
@@ -121,13 +110,6 @@ def relu_spatial_goodness(z: torch.Tensor, grid: int) -> Tuple[torch.Tensor, tor
     a block's output) and the backward keeps only ``y``: what lets ``lean`` training run in a fraction of
     back-propagation's memory. The ReLU runs in place on ``z`` when ``z`` is an intermediate result of its own (a
     conv output); a leaf or a view is copied first, so the caller's tensor is never changed.
-
-    Args:
-        z: Pre-activation feature map (B, C, H, W), H and W at least ``grid``.
-        grid: Cells per side.
-
-    Returns:
-        ``y`` (B, C, H, W) in ``z``'s dtype, without grad, and the goodness vector (B, C * grid * grid).
     """
     if not torch.is_grad_enabled() or not z.requires_grad:
         y = F.relu(z)
@@ -174,12 +156,6 @@ class FixedProjection(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, seed: int, device=None, dtype=None):
-        """
-        Args:
-            in_features: Goodness vector length (C * P * P).
-            num_classes: Number of classes N.
-            seed: Seed of the generator that draws R and b.
-        """
         super().__init__()
         self.in_features = in_features
         self.num_classes = num_classes

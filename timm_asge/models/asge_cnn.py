@@ -15,8 +15,7 @@ Prediction strategies (the paper's v2 names; definitions inferred from the autho
     * ``last``: the last block's fixed-projection scores; no trainable head.
     * ``best``: the fixed-projection scores of the block most accurate on validation; later blocks are not run.
 
-Adapted for timm by the timm-asge authors from the method description and the authors' public code
-(KCL-KAI-Lab/ASGE).
+Adapted for timm by the timm-asge authors from the method description and the authors' code (KCL-KAI-Lab/ASGE).
 """
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..goodness import (
@@ -37,14 +36,21 @@ __all__ = ['AsgeCnn', 'AsgeBlock', 'PREDICTIONS', 'POOL_TYPES']
 
 PREDICTIONS = ('fusion', 'last', 'best')
 POOL_TYPES = ('rms', 'avg')
+# The constructor arguments architecture_args hands back (head_init_scale only sets initial weights, which a
+# checkpoint replaces).
+_ARCH_ARGS = (
+    'widths', 'downsample', 'num_classes', 'in_chans', 'global_pool', 'pool_type', 'alpha', 'grid_ref_channels',
+    'drop_rate', 'prediction', 'best_block', 'fusion_start', 'projection_seed',
+)
 
 
 class AsgeBlock(nn.Module):
     """One ASGE block: conv3x3 + ReLU, a goodness read-out with a fixed projection, then the output transition.
 
     ``features`` gives the activation map Y the local loss reads; ``scores`` maps Y to class scores; ``transition``
-    down-samples (optional), applies dropout and RMS-normalises Y into the next block's input. ``forward`` is
-    ``transition(features(x))``, so the block is an ordinary stage for ``features_only``.
+    down-samples (optional; ``'rms'`` pooling as in the paper or ``'avg'`` as in the authors' code), applies dropout
+    and RMS-normalises Y into the next block's input. ``forward`` is ``transition(features(x))``, so the block is an
+    ordinary stage for ``features_only``.
     """
 
     def __init__(
@@ -60,17 +66,6 @@ class AsgeBlock(nn.Module):
             device=None,
             dtype=None,
     ):
-        """
-        Args:
-            in_chs: Input channels.
-            out_chs: Output channels C_l.
-            num_classes: Classes N of the fixed projection.
-            grid: Goodness grid side P_l.
-            downsample: Halve the resolution after the block.
-            pool_type: Down-sampling, ``'rms'`` (the paper) or ``'avg'`` (the authors' code).
-            drop_rate: Dropout on the block output.
-            projection_seed: Seed of the fixed projection R, b.
-        """
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         self.grid = grid
@@ -85,30 +80,13 @@ class AsgeBlock(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv(x))
 
-    def goodness(self, y: torch.Tensor) -> torch.Tensor:
-        return spatial_goodness(y, self.grid)
-
     def scores(self, y: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.goodness(y))
-
-    def local_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``features(x)`` (without a gradient path) and its class scores, for the block's local loss.
-
-        Same values as ``y = features(x); scores(y)``, but ReLU and goodness form one autograd node whose backward
-        keeps only ``y`` (see :func:`~timm_asge.goodness.relu_spatial_goodness`).
-        """
-        y, goodness = relu_spatial_goodness(self.conv(x), self.grid)
-        return y, self.proj(goodness)
+        return self.proj(spatial_goodness(y, self.grid))
 
     def transition(self, y: torch.Tensor) -> torch.Tensor:
         if self.downsample:
             y = rms_pool2d(y, 2) if self.pool_type == 'rms' else F.avg_pool2d(y, 2)
         return self.norm(self.drop(y))
-
-    def reset_projection(self, num_classes: int) -> None:
-        weight = self.proj.weight
-        self.proj = FixedProjection(
-            self.proj.in_features, num_classes, seed=self.proj.seed, device=weight.device, dtype=weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.transition(self.features(x))
@@ -178,7 +156,7 @@ class AsgeCnn(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
-        self.pool_type = check_choice('pool_type', pool_type, POOL_TYPES)
+        self.pool_type = pool_type
         self.alpha = float(alpha)
         self.grid_ref_channels = int(grid_ref_channels or widths[-1])
         self.drop_rate = drop_rate
@@ -194,15 +172,8 @@ class AsgeCnn(nn.Module):
         in_chs, reduction = in_chans, 1
         for i, (out_chs, down, grid) in enumerate(zip(widths, downsample, self.grids)):
             stages.append(AsgeBlock(
-                in_chs,
-                out_chs,
-                num_classes,
-                grid,
-                downsample=down,
-                pool_type=pool_type,
-                drop_rate=drop_rate,
-                projection_seed=projection_seed * 100_003 + i,
-                **dd,
+                in_chs, out_chs, num_classes, grid, downsample=down, pool_type=pool_type, drop_rate=drop_rate,
+                projection_seed=projection_seed * 100_003 + i, **dd,
             ))
             reduction *= 2 if down else 1
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{i}'))
@@ -261,30 +232,15 @@ class AsgeCnn(nn.Module):
         self.head.reset(num_classes, pool_type=global_pool)
         self._init_head()
         for block in self.stages:
-            block.reset_projection(num_classes)
-        self._update_feature_sizes()
+            proj = block.proj
+            block.proj = FixedProjection(
+                proj.in_features, num_classes, seed=proj.seed, device=proj.weight.device, dtype=proj.weight.dtype)
 
     @torch.jit.ignore
     def architecture_args(self) -> Dict[str, Any]:
-        """The constructor arguments that rebuild this model, as JSON values (a Hub ``config.json``'s model_args).
-
-        ``head_init_scale`` is left out: it only sets initial weights, which a checkpoint replaces.
-        """
-        return dict(
-            widths=list(self.widths),
-            downsample=list(self.downsample),
-            num_classes=self.num_classes,
-            in_chans=self.in_chans,
-            global_pool=self.global_pool,
-            pool_type=self.pool_type,
-            alpha=self.alpha,
-            grid_ref_channels=self.grid_ref_channels,
-            drop_rate=self.drop_rate,
-            prediction=self.prediction,
-            best_block=self.best_block,
-            fusion_start=self.fusion_start,
-            projection_seed=self.projection_seed,
-        )
+        """The constructor arguments that rebuild this model, as JSON values (a Hub ``config.json``'s model_args)."""
+        args = {name: getattr(self, name) for name in _ARCH_ARGS}
+        return dict(args, widths=list(self.widths), downsample=list(self.downsample))
 
     @property
     def read_block(self) -> int:
@@ -292,13 +248,7 @@ class AsgeCnn(nn.Module):
         return self.best_block if self.prediction == 'best' else len(self.stages) - 1
 
     def set_prediction(self, prediction: str, best_block: Optional[int] = None) -> None:
-        """Choose the prediction strategy.
-
-        Args:
-            prediction: ``'fusion'``, ``'last'`` or ``'best'``.
-            best_block: Block index for ``best`` (0-based, negative counts from the end); keeps the current choice
-                if None.
-        """
+        """Switch to ``prediction``; a ``best_block`` (negative counts from the end) replaces the chosen block."""
         check_choice('prediction strategy', prediction, PREDICTIONS)
         num_blocks = len(self.stages)
         if best_block is not None and not -num_blocks <= best_block < num_blocks:
@@ -309,15 +259,11 @@ class AsgeCnn(nn.Module):
             raise ValueError("prediction 'best' needs a chosen block: run timm_asge.engine.choose_best_block(model, "
                              "val_loader) after training, or pass best_block=<index>")
         self.prediction, self.best_block = prediction, best_block
-        self._update_feature_sizes()
-
-    def _update_feature_sizes(self) -> None:
-        if self.prediction == 'fusion':
+        if prediction == 'fusion':
             self.num_features = self.head_hidden_size = self.fusion_features
         else:
             block = self.stages[self.read_block]
-            self.num_features = block.conv.out_channels
-            self.head_hidden_size = block.proj.in_features
+            self.num_features, self.head_hidden_size = block.conv.out_channels, block.proj.in_features
 
     @property
     def min_input_size(self) -> int:
@@ -351,10 +297,8 @@ class AsgeCnn(nn.Module):
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial size of the last block's output (the fusion features) for an input of ``height x width``."""
-        for down in self.downsample:
-            if down:
-                height, width = height // 2, width // 2
-        return height, width
+        steps = sum(self.downsample)  # each 2x2 down-sampling halves a side, rounding down
+        return height >> steps, width >> steps
 
     def fusion_input(self, output: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         """A block output brought to the final resolution ``size``, ready to concatenate into the fusion features.
@@ -385,9 +329,8 @@ class AsgeCnn(nn.Module):
         Args:
             x: Images (B, C, H, W).
             stop: Run only the blocks before this index (all if None).
-            local: Local learning (the engine): each block reads a detached input, its scores come from the fused
-                ReLU-goodness node (the map itself has no gradient path) and the transition runs without autograd,
-                so no gradient can cross a block.
+            local: Local learning (the engine): each block reads a detached input and its transition runs without
+                autograd, so no gradient can cross a block; the map Y itself has no gradient path.
             scores: Also compute each block's class scores; outside ``local``, without autograd (for monitoring).
             output_last: Run the last block's transition; without it, the last block yields no output.
 
@@ -398,9 +341,14 @@ class AsgeCnn(nn.Module):
         blocks = self.stages[:stop]
         for i, block in enumerate(blocks):
             if local:
-                y, block_scores = block.local_forward(x.detach())
+                # One autograd node for ReLU and goodness, which keeps only Y for backward (the memory of lean mode).
+                y, goodness = relu_spatial_goodness(block.conv(x.detach()), block.grid)
+                block_scores = block.proj(goodness)
             else:
-                y = self._block_features(block, x)
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    y = checkpoint(block.features, x, use_reentrant=False)
+                else:
+                    y = block.features(x)
                 with torch.no_grad():
                     block_scores = block.scores(y) if scores else None
             if i == len(blocks) - 1 and not output_last:
@@ -411,20 +359,18 @@ class AsgeCnn(nn.Module):
             yield y, block_scores, x
             del y, block_scores  # free this block's map before the next block's conv runs
 
-    def _block_features(self, block: AsgeBlock, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(block.features, x, use_reentrant=False)
-        return block.features(x)
-
     def _forward_blocks(
             self,
             x: torch.Tensor,
             take_indices: Sequence[int] = (),
             stop: Optional[int] = None,
     ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
-        """The active strategy's features (None if ``stop`` ends before they exist) and the outputs in take_indices."""
+        """The active strategy's features (None if ``stop`` ends before they exist) and the outputs in take_indices.
+
+        Without ``stop``, runs up to the last block the strategy or ``take_indices`` needs.
+        """
         fusion = self.prediction == 'fusion'
-        stop = stop or (len(self.stages) if fusion else self.read_block + 1)
+        stop = stop or max([*take_indices, len(self.stages) - 1 if fusion else self.read_block]) + 1
         size = self.output_size(*x.shape[-2:])
         features, intermediates = [], []
         blocks = self.iter_blocks(x, stop=stop, output_last=fusion or stop - 1 in take_indices)
@@ -449,7 +395,7 @@ class AsgeCnn(nn.Module):
         if not self.global_pool and (pre_logits or self.num_classes == 0):
             return x
         block = self.stages[self.read_block]
-        goodness = block.goodness(x)
+        goodness = spatial_goodness(x, block.grid)
         return goodness if pre_logits or self.num_classes == 0 else block.proj(goodness)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -487,12 +433,7 @@ class AsgeCnn(nn.Module):
         """
         assert output_fmt == 'NCHW', 'Output format must be NCHW.'
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if intermediates_only and stop_early:
-            stop = max_index + 1
-        elif self.prediction == 'fusion':
-            stop = len(self.stages)
-        else:
-            stop = max(max_index, self.read_block) + 1
+        stop = max_index + 1 if intermediates_only and stop_early else None
         features, intermediates = self._forward_blocks(x, take_indices, stop)
         return intermediates if intermediates_only else (features, intermediates)
 
@@ -512,10 +453,7 @@ class AsgeCnn(nn.Module):
         self.fusion_features = sum(self.widths[self.fusion_start:])
         if self.best_block is not None and self.best_block > max_index:
             self.best_block = None
-        weight = self.stages[0].conv.weight
-        self.head = ClassifierHead(
-            self.fusion_features, self.num_classes, pool_type=self.global_pool, device=weight.device,
-            dtype=weight.dtype)
+        self.head.reset(self.num_classes, in_features=self.fusion_features)
         self._init_head()
         self.set_prediction('fusion')
         if prune_head:
@@ -524,14 +462,6 @@ class AsgeCnn(nn.Module):
 
 
 def _create_asge(variant: str, pretrained: bool = False, **kwargs) -> AsgeCnn:
-    if pretrained:
-        cfg = resolve_pretrained_cfg(
-            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-        if not (cfg.source in ('hf-hub', 'local-dir') or cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict):
-            raise ValueError(
-                f'no weights are published for {variant!r}; load an export with '
-                f"timm.create_model('hf-hub:<org>/<name>', pretrained=True) or 'local-dir:<path>'")
     return build_model_with_cfg(
         AsgeCnn,
         variant,
@@ -563,10 +493,8 @@ def _cfg(url: str = '', num_blocks: int = 7, **kwargs) -> Dict[str, Any]:
     }
 
 
-# The Hub organisation of published checkpoints. A name gets a tag and an hf_hub_id here only once its weights are
-# published, so timm.list_models(pretrained=True) is true; until then there are no tags.
-HF_ORG = 'timm-asge'
-
+# A name gets a tag and an hf_hub_id here only once its weights are on the Hub, so timm.list_models(pretrained=True)
+# is true; until then there are no tags.
 default_cfgs = generate_default_cfgs({
     'asge_cnn_tiny': _cfg(num_blocks=4, input_size=(1, 16, 16), pool_size=(4, 4), mean=(0.0,), std=(1.0,)),
     'asge_cnn': _cfg(),
@@ -591,9 +519,8 @@ def asge_cnn_tiny(pretrained: bool = False, **kwargs) -> AsgeCnn:
 
 @register_model
 def asge_cnn(pretrained: bool = False, **kwargs) -> AsgeCnn:
-    """ASGE VGG8 from the paper: 7 blocks (128, 256*, 256, 512*, 512*, 512*, 512) at 32x32 (MNIST, FashionMNIST,
-    CIFAR-10). Average pooling, as in the authors' code that produced the published accuracies; the paper describes
-    RMS pooling (``pool_type='rms'``).
+    """ASGE VGG8 from the paper at 32x32 (MNIST, FashionMNIST, CIFAR-10). Average pooling, as in the authors' code
+    that produced the published accuracies; the paper describes RMS pooling (``pool_type='rms'``).
     """
     model_args = dict(
         widths=(128, 256, 256, 512, 512, 512, 512),
@@ -605,9 +532,7 @@ def asge_cnn(pretrained: bool = False, **kwargs) -> AsgeCnn:
 
 @register_model
 def asge_vgg11(pretrained: bool = False, **kwargs) -> AsgeCnn:
-    """ASGE VGG11 from the paper: 10 blocks (128, 256*, 256, 512*, 512, 512*, 512, 512*, 512, 512) at 32x32,
-    average pooling as in the authors' code.
-    """
+    """ASGE VGG11 from the paper at 32x32 (CIFAR-100), average pooling as in the authors' code."""
     model_args = dict(
         widths=(128, 256, 256, 512, 512, 512, 512, 512, 512, 512),
         downsample=(False, True, False, True, False, True, False, True, False, False),
@@ -618,8 +543,8 @@ def asge_vgg11(pretrained: bool = False, **kwargs) -> AsgeCnn:
 
 @register_model
 def asge_vgg11_w64(pretrained: bool = False, **kwargs) -> AsgeCnn:
-    """ASGE ImageNet network at 224x224: VGG11's conv stack starting at 64 channels (64*, 128*, 256, 256*, 512,
-    512*, 512, 512), its last pooling dropped so the final map is 14x14. Grids 8, 4, 2, 1 (C_ref 512).
+    """ASGE ImageNet network at 224x224 (ours): VGG11's conv stack starting at 64 channels, its last pooling dropped
+    so the final map is 14x14. Grids 8, 4, 2, 1 (C_ref 512).
     """
     model_args = dict(
         widths=(64, 128, 256, 256, 512, 512, 512, 512),
