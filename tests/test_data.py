@@ -178,6 +178,21 @@ def test_local_parquet_decode_and_cache(tmp_path):
     assert torch.equal(cached.images, data.images) and cached.label_names == data.label_names
     grey = load_tensors(str(folder), 'train', img_size=12, channels=1, cache_dir=tmp_path / 'cache')
     assert grey.images.shape == (10, 1, 12, 12)
+    # Unlabelled (-1), as some Hub test splits are.
+    ds.map(lambda row: {'label': -1}).to_parquet(str(folder / 'test-00000-of-00001.parquet'))
+    with pytest.raises(ValueError, match=r'labels outside \[0, 2\) \(min -1'):
+        load_tensors(str(folder), 'test', img_size=6, channels=3, cache_dir=tmp_path / 'cache')
+
+
+def test_local_imagefolder(tmp_path):
+    from PIL import Image
+    for split in ('train', 'test'):
+        for value, name in ((0, 'cat'), (100, 'dog')):
+            (tmp_path / 'pets' / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((4, 4), value, dtype=np.uint8)).save(tmp_path / 'pets' / split / name / '0.png')
+    data = load_tensors(str(tmp_path / 'pets'), 'test', img_size=4, channels=3, cache_dir=tmp_path / 'cache')
+    assert data.label_names == ['cat', 'dog'] and data.images.shape == (2, 3, 4, 4)
+    assert [data.images[data.labels == k].unique().tolist() for k in (0, 1)] == [[0], [100]]
 
 
 def test_streamed_batches_depend_on_seed_and_epoch_only():

@@ -12,39 +12,39 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from torchvision import transforms as T
+from torchvision.transforms.functional import rgb_to_grayscale
 
 from .fileio import atomic_path
 
 __all__ = [
-    'ImageData', 'SplitNotFoundError', 'load_dataset_split', 'find_columns', 'decode_images', 'load_tensors',
-    'split_train_val', 'epoch_batches', 'augment_batch', 'check_color_jitter', 'to_model_input', 'default_cache_dir',
-    'image_transform', 'image_loader', 'label_names',
+    'ImageData', 'SplitNotFoundError', 'load_dataset_split', 'find_columns', 'label_names', 'load_tensors',
+    'split_train_val', 'epoch_indices', 'epoch_batches', 'num_batches', 'to_model_input', 'augment_batch',
+    'check_color_jitter', 'image_loader',
 ]
 
-def default_cache_dir() -> Path:
-    """Where decoded tensors are cached: ``$TIMM_ASGE_CACHE``, else ``~/.cache/timm_asge``."""
-    return Path(os.environ.get('TIMM_ASGE_CACHE', Path.home() / '.cache' / 'timm_asge'))
+_MODES = {1: 'L', 3: 'RGB'}  # PIL's mode for each channel count
 # Label columns tried in order when a dataset has several ClassLabel features (CIFAR-100: fine before coarse).
 _LABEL_PREFERENCE = ('label', 'fine_label', 'labels', 'target')
 
 
 class SplitNotFoundError(ValueError):
-    """A dataset has no split of the requested name; ``available`` lists the splits it has.
-
-    The message names both; callers add how their user picks a split (a config key, a command-line flag).
-    """
+    """A dataset has no split of the requested name; callers add how their user picks another."""
 
     def __init__(self, source: str, split: str, available: Sequence[str]):
-        self.source, self.split, self.available = source, split, sorted(available)
-        super().__init__(f'dataset {source!r} has no split {split!r}; it has {self.available}')
+        super().__init__(f'dataset {source!r} has no split {split!r}; it has {sorted(available)}')
 
 
 @dataclass
@@ -54,142 +54,79 @@ class ImageData:
     labels: torch.Tensor
     label_names: List[str]
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.label_names)
-
     def __len__(self) -> int:
         return self.labels.shape[0]
-
-    def subset(self, index: torch.Tensor) -> 'ImageData':
-        return ImageData(self.images[index], self.labels[index], self.label_names)
 
     def to(self, device) -> 'ImageData':
         return ImageData(self.images.to(device), self.labels.to(device), self.label_names)
 
 
-def _load_digits(split: str):
+def _load_digits(split: str, img_size: int, channels: int) -> ImageData:
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    images = torch.from_numpy(digits.images).float().mul(255 / 16).round().to(torch.uint8)[:, None]
-    labels = torch.from_numpy(digits.target).long()
-    # A fixed, seeded 80/20 train/test split of the 1,797 digits (scikit-learn ships no split).
-    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    n_test = len(labels) // 5
     if split not in ('train', 'test'):
         raise SplitNotFoundError('digits', split, ['train', 'test'])
-    index = perm[n_test:] if split == 'train' else perm[:n_test]
-    return images[index], labels[index], [str(i) for i in range(10)]
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().mul(255 / 16).round()[:, None].expand(-1, channels, -1, -1)
+    if img_size != images.shape[-1]:
+        images = F.interpolate(images, size=(img_size, img_size), mode='bilinear', antialias=True, align_corners=False)
+    images = images.round().clamp(0, 255).to(torch.uint8).contiguous()
+    # A fixed, seeded 80/20 train/test split of the 1,797 digits (scikit-learn ships no split).
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    index = perm[len(images) // 5:] if split == 'train' else perm[:len(images) // 5]
+    return ImageData(images[index], torch.from_numpy(digits.target)[index].long(), [str(i) for i in range(10)])
 
 
-def load_dataset_split(source: str, split: str, cache_dir: Optional[str] = None):
-    """Load one split of a Hub id, a local parquet folder or an imagefolder as a ``datasets.Dataset``.
-
-    Raises a :class:`SplitNotFoundError` when the split is missing, and a ValueError that says what to do when a Hub id
-    cannot be reached (offline).
-    """
-    import datasets
-
+def load_dataset_split(source: str, split: str):
+    """One split of a Hub id or a local folder (parquet files or an imagefolder), not decoded."""
     local = Path(source).expanduser()
     try:
         if local.is_dir():
-            builder = 'imagefolder' if _looks_like_imagefolder(local) else None
-            ds = (datasets.load_dataset('imagefolder', data_dir=str(local), cache_dir=cache_dir) if builder
-                  else datasets.load_dataset(str(local), cache_dir=cache_dir))
-        elif local.suffix == '.parquet' and local.exists():
-            ds = datasets.load_dataset('parquet', data_files={split: str(local)}, cache_dir=cache_dir)
+            ds = datasets.load_dataset(str(local))  # infers parquet or imagefolder from the files
+        elif source.startswith(('.', '/', '~')):
+            raise ValueError(f'data folder {source!r} does not exist')
         else:
-            if source.startswith(('.', '/', '~')):
-                raise ValueError(f'data folder {source!r} does not exist')
-            ds = datasets.load_dataset(source, cache_dir=cache_dir)
-    except (ConnectionError, OSError, FileNotFoundError) as err:
-        raise ValueError(
-            f'could not load dataset {source!r} ({type(err).__name__}: {err}). If this machine is offline, download '
-            f'the dataset elsewhere and pass its local folder instead (data.path=/path/to/folder, a folder of '
-            f'<split>-*.parquet files as on the Hub or an imagefolder)') from err
+            ds = datasets.load_dataset(source)
+    except (ConnectionError, OSError) as err:
+        raise ValueError(f'could not load dataset {source!r} ({type(err).__name__}: {err}); offline, pass a local '
+                         f'copy: data.path=/path/to/folder (<split>-*.parquet files or an imagefolder)') from err
     if split not in ds:
         raise SplitNotFoundError(source, split, list(ds))
     return ds[split]
 
 
-def _looks_like_imagefolder(path: Path) -> bool:
-    return not any(path.glob('**/*.parquet')) and any(p.is_dir() for p in path.iterdir())
-
-
 def find_columns(features, image_column: Optional[str] = None, label_column: Optional[str] = None) -> Tuple[str, str]:
-    """Pick the image and label columns from a dataset's features (or check the configured ones exist)."""
-    import datasets
-
+    """Pick the image and label columns from a dataset's features, or check that the configured ones fit."""
     columns = list(features)
-    if image_column is None:
-        found = [name for name, feat in features.items() if isinstance(feat, datasets.Image)]
-        if not found:
-            raise ValueError(f'the dataset has no image column (columns: {columns}); set data.image_column')
-        image_column = found[0]
-    if label_column is None:
-        found = [name for name, feat in features.items() if isinstance(feat, datasets.ClassLabel)]
-        found.sort(key=lambda n: _LABEL_PREFERENCE.index(n) if n in _LABEL_PREFERENCE else len(_LABEL_PREFERENCE))
-        if not found:
-            raise ValueError(f'the dataset has no ClassLabel column (columns: {columns}); set data.label_column')
-        label_column = found[0]
-    for role, name in (('image', image_column), ('label', label_column)):
+    # An Image feature, or the {bytes, path} struct a parquet file without Hugging Face metadata holds.
+    images = [n for n, f in features.items()
+              if isinstance(f, datasets.Image) or (isinstance(f, dict) and {'bytes', 'path'} <= set(f))]
+    class_labels = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    class_labels.sort(key=lambda n: _LABEL_PREFERENCE.index(n) if n in _LABEL_PREFERENCE else len(_LABEL_PREFERENCE))
+    labels = class_labels + [n for n, f in features.items()
+                             if isinstance(f, datasets.Value) and f.dtype.startswith(('int', 'uint'))]
+    if image_column is None and not images:
+        raise ValueError(f'the dataset has no image column (columns: {columns}); set data.image_column')
+    if label_column is None and not class_labels:
+        raise ValueError(f'the dataset has no ClassLabel column (columns: {columns}); set data.label_column')
+    image_column = images[0] if image_column is None else image_column
+    label_column = class_labels[0] if label_column is None else label_column
+    for role, name, fits, kind in (('image', image_column, images, 'images'),
+                                   ('label', label_column, labels, 'integer class labels')):
         if name not in features:
             raise ValueError(f'the dataset has no {role} column {name!r} (columns: {columns}); '
                              f'set data.{role}_column to one of them')
-    if not _is_image(features[image_column]):
-        images = [n for n, f in features.items() if _is_image(f)]
-        raise ValueError(f'data.image_column={image_column!r} holds {features[image_column]}, not images; set it to '
-                         f'an image column ({images or "the dataset has none"})')
-    if not _is_label(features[label_column]):
-        labels = [n for n, f in features.items() if _is_label(f)]
-        raise ValueError(f'data.label_column={label_column!r} holds {features[label_column]}, not integer class '
-                         f'labels; set it to a label column ({labels or "the dataset has none"})')
+        if name not in fits:
+            hint = f'set it to one of {fits}' if fits else 'the dataset has none'
+            raise ValueError(f'data.{role}_column={name!r} holds {features[name]}, not {kind}; {hint}')
     return image_column, label_column
-
-
-def _is_image(feature) -> bool:
-    import datasets
-
-    # An Image feature, or the {bytes, path} struct a parquet file without Hugging Face metadata holds.
-    return isinstance(feature, datasets.Image) or (isinstance(feature, dict) and {'bytes', 'path'} <= set(feature))
-
-
-def _is_label(feature) -> bool:
-    import datasets
-
-    return isinstance(feature, datasets.ClassLabel) or (
-        isinstance(feature, datasets.Value) and feature.dtype.startswith(('int', 'uint')))
 
 
 def label_names(dataset, label_column: str) -> List[str]:
     """Class names of a ClassLabel column, else ``'0'..'K-1'`` for integer labels up to K - 1."""
-    import datasets
-
-    feature = dataset.features[label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
+    if isinstance(dataset.features[label_column], datasets.ClassLabel):
+        return list(dataset.features[label_column].names)
     return [str(i) for i in range(int(max(dataset[label_column])) + 1)]
-
-
-def decode_images(encoded: Sequence[dict], size: int, channels: int) -> torch.Tensor:
-    """Decode encoded images (``{'bytes', 'path'}`` dicts), convert to ``channels`` and resize to ``size``.
-
-    Returns:
-        uint8 tensor (N, channels, size, size). Resizing is bilinear with antialiasing, done once here.
-    """
-    import numpy as np
-    from PIL import Image
-
-    mode = {1: 'L', 3: 'RGB'}[channels]
-    out = torch.empty(len(encoded), channels, size, size, dtype=torch.uint8)
-    for i, item in enumerate(encoded):
-        image = Image.open(io.BytesIO(item['bytes']) if item.get('bytes') else item['path']).convert(mode)
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        array = np.array(image)
-        out[i] = torch.from_numpy(array[:, :, None] if array.ndim == 2 else array).permute(2, 0, 1)
-    return out
 
 
 def load_tensors(
@@ -205,83 +142,59 @@ def load_tensors(
 
     Args:
         source: ``'digits'``, a Hub id or a local folder.
-        split: Split name.
-        img_size: Side the images are resized to.
+        img_size: Side the images are resized to (bilinear, antialiased), once here.
         channels: 1 (greyscale) or 3 (RGB).
-        image_column: Image column (found from the features if None).
-        label_column: Label column (the ClassLabel feature if None).
+        image_column: Image column, found from the features if None; ``label_column``: the ClassLabel one if None.
         cache_dir: Where decoded tensors are cached (``$TIMM_ASGE_CACHE`` or ``~/.cache/timm_asge``).
     """
     if channels not in (1, 3):
         raise ValueError(f'data.channels must be 1 or 3, got {channels}')
     if source == 'digits':
-        images, labels, names = _load_digits(split)
-        images = _resize_uint8(images.expand(-1, channels, -1, -1), img_size)
-        return _checked(ImageData(images, labels, names), source)
-
-    cache_dir = Path(cache_dir or default_cache_dir())
+        return _load_digits(split, img_size, channels)
+    cache_dir = Path(cache_dir or os.environ.get('TIMM_ASGE_CACHE', Path.home() / '.cache' / 'timm_asge'))
     key = json.dumps([str(Path(source).expanduser().resolve()) if Path(source).exists() else source, split, img_size,
                       channels, image_column, label_column])
     cache_file = cache_dir / f'{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors'
     if cache_file.exists():
         tensors = load_file(cache_file)
-        names = json.loads(bytes(tensors['label_names'].tolist()).decode())
-        return ImageData(tensors['images'], tensors['labels'], names)
-
-    import datasets
-    import pyarrow.compute as pc
+        return ImageData(tensors['images'], tensors['labels'], json.loads(bytes(tensors['label_names'].tolist())))
 
     ds = load_dataset_split(source, split)
     image_column, label_column = find_columns(ds.features, image_column, label_column)
     names = label_names(ds, label_column)
     # Decode the raw bytes with PIL ourselves: ~30x faster than the torch formatter for 60k small PNGs.
-    raw = ds.cast_column(image_column, datasets.Image(decode=False)).with_format('arrow')
-    table = raw[:]
-    encoded = [{'bytes': b, 'path': p} for b, p in zip(pc.struct_field(table[image_column], 'bytes').to_pylist(),
-                                                      pc.struct_field(table[image_column], 'path').to_pylist())]
-    images = decode_images(encoded, img_size, channels)
+    table = ds.cast_column(image_column, datasets.Image(decode=False)).with_format('arrow')[:]
+    images = torch.empty(len(table), channels, img_size, img_size, dtype=torch.uint8)
+    for i, item in enumerate(table[image_column].to_pylist()):
+        image = Image.open(io.BytesIO(item['bytes']) if item['bytes'] else item['path']).convert(_MODES[channels])
+        if image.size != (img_size, img_size):
+            image = image.resize((img_size, img_size), Image.BILINEAR)
+        images[i] = torch.from_numpy(np.atleast_3d(np.array(image))).permute(2, 0, 1)
     labels = torch.tensor(table[label_column].to_pylist(), dtype=torch.long)
-    data = _checked(ImageData(images, labels, names), source)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= len(names)):
+        raise ValueError(f'dataset {source!r} has labels outside [0, {len(names)}) (min {int(labels.min())}, '
+                         f'max {int(labels.max())}); unlabelled splits (label -1) cannot be used for training or test')
     name_bytes = torch.tensor(list(json.dumps(names).encode()), dtype=torch.uint8)
     with atomic_path(cache_file) as tmp:
-        save_file({'images': data.images, 'labels': data.labels, 'label_names': name_bytes}, str(tmp))
-    return data
-
-
-def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images.contiguous()
-    resized = F.interpolate(images.float(), size=(size, size), mode='bilinear', antialias=True, align_corners=False)
-    return resized.round().clamp(0, 255).to(torch.uint8)
-
-
-def _checked(data: ImageData, source: str) -> ImageData:
-    labels = data.labels
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= data.num_classes):
-        raise ValueError(f'dataset {source!r} has labels outside [0, {data.num_classes}) (min {int(labels.min())}, '
-                         f'max {int(labels.max())}); unlabelled splits (label -1) cannot be used for training or test')
-    return data
+        save_file({'images': images, 'labels': labels, 'label_names': name_bytes}, str(tmp))
+    return ImageData(images, labels, names)
 
 
 def split_train_val(data: Any, val_size: float, seed: int) -> Tuple[Any, Any]:
-    """Seeded random split of the training set into train and validation (``val_size``: count or fraction).
+    """Seeded random split of ``ImageData`` or a ``datasets.Dataset`` (undecoded) into train and validation.
 
-    The split ``torch.utils.data.random_split(data, [train, val])`` makes after ``torch.manual_seed(seed)``, so seed
-    42 on MNIST or FashionMNIST (in their original order) gives the authors' split.
-
-    Args:
-        data: Decoded ``ImageData``, or a ``datasets.Dataset`` (split with ``select``, still undecoded).
-        val_size: Validation samples: a count, or a fraction of ``data``.
-        seed: Seed of the permutation.
+    ``val_size`` is a count or a fraction. The split is the one ``torch.utils.data.random_split(data, [train, val])``
+    makes after ``torch.manual_seed(seed)``, so seed 42 on MNIST or FashionMNIST (in their original order) gives the
+    authors' split.
     """
     n_val = int(val_size) if val_size >= 1 else int(round(len(data) * val_size))
     if not 0 < n_val < len(data):
         raise ValueError(f'data.val_size={val_size} leaves no training or no validation samples of {len(data)}')
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    n_train = len(data) - n_val
+    train, val = perm[:len(data) - n_val], perm[len(data) - n_val:]
     if isinstance(data, ImageData):
-        return data.subset(perm[:n_train]), data.subset(perm[n_train:])
-    return data.select(perm[:n_train].tolist()), data.select(perm[n_train:].tolist())
+        return tuple(ImageData(data.images[i], data.labels[i], data.label_names) for i in (train, val))
+    return data.select(train.tolist()), data.select(val.tolist())
 
 
 def epoch_indices(num_samples: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
@@ -293,9 +206,7 @@ def epoch_indices(num_samples: int, epoch: int, seed: int, rank: int = 0, world_
     """
     perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     padded = math.ceil(num_samples / world_size) * world_size
-    if padded > num_samples:
-        perm = torch.cat([perm, perm[:padded - num_samples]])
-    return perm[rank::world_size]
+    return torch.cat([perm, perm[:padded - num_samples]])[rank::world_size]
 
 
 def epoch_batches(
@@ -306,32 +217,29 @@ def epoch_batches(
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
-        drop_last: bool = False,
         start: int = 0,
 ) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(batch index, images, labels)`` of one epoch from tensors already on the device.
-
-    Args:
-        start: Batch index to start from (resuming mid-epoch skips the batches already trained on).
+    """Yield ``(batch index, images, labels)`` of one epoch from tensors already on the device, from batch ``start``
+    on (a run resumed mid-epoch skips the batches it trained on). Without ``shuffle`` (evaluation), each rank takes
+    every ``world_size``-th sample in order, unpadded.
     """
     if shuffle:
         index = epoch_indices(len(data), epoch, seed, rank, world_size).to(data.labels.device)
     else:
         index = torch.arange(rank, len(data), world_size, device=data.labels.device)
-    num_batches = len(index) // batch_size if drop_last else math.ceil(len(index) / batch_size)
-    for b in range(start, num_batches):
+    for b in range(start, math.ceil(len(index) / batch_size)):
         batch = index[b * batch_size:(b + 1) * batch_size]
         yield b, data.images[batch], data.labels[batch]
 
 
-def num_batches(num_samples: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
-    per_rank = math.ceil(num_samples / world_size)
-    return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+def num_batches(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches per rank in a shuffled epoch of :func:`epoch_batches`."""
+    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
 
 
-def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 images to floats in [0, 1] (the model RMS-normalises them itself, so no mean/std)."""
-    return images.to(dtype).div_(255)
+    return images.float().div_(255)
 
 
 def augment_batch(
@@ -343,7 +251,7 @@ def augment_batch(
         grayscale_p: float = 0.0,
         compile_jitter: bool = False,
 ) -> torch.Tensor:
-    """The paper's augmentation, batched on the images' device with per-sample randomness.
+    """The paper's augmentation, batched on the images' device with per-sample randomness and no host sync.
 
     Args:
         images: Float images in [0, 1], (B, C, H, W).
@@ -351,28 +259,23 @@ def augment_batch(
         crop_padding: Random crop of the original size from the image zero-padded by this many pixels.
         hflip: Horizontal flip with probability 0.5.
         color_jitter: (brightness, contrast, saturation, hue) with torchvision's ``ColorJitter`` semantics: every
-            image draws its own factors and its own order of the four ops, each op is torchvision's (same blends,
-            clamped after each, hue through HSV). RGB only.
+            image draws its own factors and its own order of the four ops, each op is torchvision's. RGB only.
         grayscale_p: Probability of replacing an RGB image by its greyscale version.
         compile_jitter: Run the colour jitter's arithmetic through ``torch.compile``: a few fused kernels instead of
             about a hundred small ones (on a GPU the eager version is launch-bound).
     """
     b, c, h, w = images.shape
     device = images.device
-    if color_jitter is not None:
-        strengths = check_color_jitter(color_jitter)
+    strengths = check_color_jitter(color_jitter) if color_jitter is not None else (0,) * 4
     if crop_padding:
-        padded = F.pad(images, (crop_padding,) * 4)
+        # Every (h, w) window of the padded images, (B, C, rows, columns, h, w); each image takes its own.
+        windows = F.pad(images, (crop_padding,) * 4).unfold(2, h, 1).unfold(3, w, 1)
         offset = torch.randint(0, 2 * crop_padding + 1, (2, b), device=device, generator=generator)
-        rows = (offset[0, :, None] + torch.arange(h, device=device))[:, None, :, None]
-        cols = (offset[1, :, None] + torch.arange(w, device=device))[:, None, None, :]
-        batch_index = torch.arange(b, device=device)[:, None, None, None]
-        channel_index = torch.arange(c, device=device)[None, :, None, None]
-        images = padded[batch_index, channel_index, rows, cols]
+        images = windows[torch.arange(b, device=device), :, offset[0], offset[1]]
     if hflip:
         flip = torch.rand(b, 1, 1, 1, device=device, generator=generator) < 0.5
         images = torch.where(flip, images.flip(-1), images)
-    if c == 3 and color_jitter is not None and any(strengths):
+    if c == 3 and any(strengths):
         # torchvision leaves out an op whose range is one point (strength 0), so it takes no place in the order.
         ops = tuple(i for i, strength in enumerate(strengths) if strength)
         draws = torch.rand(b, 4 + len(ops), device=device, generator=generator)
@@ -385,32 +288,22 @@ def augment_batch(
         images = apply(images, factors, order, ops)
     if c == 3 and grayscale_p:
         to_gray = torch.rand(b, 1, 1, 1, device=device, generator=generator) < grayscale_p
-        images = torch.where(to_gray, _gray(images).expand_as(images), images)
+        images = torch.where(to_gray, rgb_to_grayscale(images).expand_as(images), images)
     return images
 
 
 def check_color_jitter(color_jitter: Sequence[float]) -> Tuple[float, float, float, float]:
     """``(brightness, contrast, saturation, hue)`` as floats, or a ValueError saying what torchvision would accept."""
-    try:
-        if isinstance(color_jitter, str) or any(isinstance(v, bool) for v in color_jitter):
-            raise TypeError
-        strengths = tuple(float(v) for v in color_jitter)
-    except (TypeError, ValueError):
-        strengths = ()
-    if (len(strengths) != 4 or not all(math.isfinite(v) and v >= 0 for v in strengths)
-            or strengths[3] > 0.5):
+    valid = isinstance(color_jitter, (list, tuple)) and len(color_jitter) == 4 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < math.inf for v in color_jitter)
+    if not valid or color_jitter[3] > 0.5:
         raise ValueError(f'color_jitter={color_jitter!r} must be [brightness, contrast, saturation, hue] as in '
                          f"torchvision's ColorJitter: three numbers >= 0 and a hue in [0, 0.5] (0 turns an op off), "
                          f'e.g. [0.4, 0.4, 0.4, 0.1]')
-    return strengths
+    return tuple(float(v) for v in color_jitter)
 
 
-def _color_jitter(
-        images: torch.Tensor,
-        factors: torch.Tensor,
-        order: torch.Tensor,
-        ops: Tuple[int, ...],
-) -> torch.Tensor:
+def _color_jitter(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, ops: Tuple[int, ...]):
     """torchvision's ColorJitter, image by image.
 
     Image i applies the ops ``order[i]`` (0 brightness, 1 contrast, 2 saturation, 3 hue) in that order, op k with
@@ -420,13 +313,14 @@ def _color_jitter(
     for step in range(order.shape[1]):
         op = order[:, step].view(-1, 1, 1, 1)
         factor = factors.gather(1, order[:, step:step + 1]).view(-1, 1, 1, 1)
-        gray = _gray(images) if 1 in ops or 2 in ops else None
+        gray = rgb_to_grayscale(images) if 1 in ops or 2 in ops else None
         other = images.new_zeros(())  # brightness blends with black
         if 1 in ops:
             other = torch.where(op == 1, gray.mean(dim=(1, 2, 3), keepdim=True), other)
         if 2 in ops:
             other = torch.where(op == 2, gray, other)
-        out = _blend(images, other, factor) if ops != (3,) else images
+        # torchvision's blend, clamped after each op.
+        out = (factor * images + (1.0 - factor) * other).clamp(0, 1) if ops != (3,) else images
         if 3 in ops:
             out = torch.where(op == 3, _shift_hue(images, factor), out)
         images = out
@@ -436,16 +330,6 @@ def _color_jitter(
 @functools.cache
 def _compiled_color_jitter():
     return torch.compile(_color_jitter)
-
-
-def _blend(images: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """torchvision's blend: ``ratio * images + (1 - ratio) * other``, clamped to [0, 1]."""
-    return (ratio * images + (1.0 - ratio) * other).clamp(0, 1)
-
-
-def _gray(images: torch.Tensor) -> torch.Tensor:
-    r, g, b = images.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)  # torchvision's weights
 
 
 def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -466,21 +350,12 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack([high - chroma * torch.minimum(k, 4 - k).clamp(0, 1) for k in channels], dim=1)
 
 
-class _ToMode:
-    """Picklable PIL mode conversion (DataLoader workers may be spawned)."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def __call__(self, image):
-        return image.convert(self.mode)
-
-
 class _EpochSampler(torch.utils.data.Sampler):
-    """A seeded random order for each epoch whose indices carry the epoch too (``epoch * N + i``): each image's
-    augmentation is then seeded from (seed, epoch, image) alone, whichever worker decodes it and wherever a resumed run
-    starts. Epochs follow ``set_epoch`` (which accelerate's prepared loader calls before each pass); without it, each
-    pass is the next epoch."""
+    """A seeded order per epoch whose keys carry the epoch (``epoch * N + i``) to seed each image's augmentation.
+
+    Epochs follow ``set_epoch`` (which accelerate's prepared loader calls before each pass); without it, each pass is
+    the next epoch.
+    """
 
     def __init__(self, num_samples: int, seed: int):
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
@@ -510,9 +385,6 @@ class _SeededImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: int) -> Dict[str, Any]:
-        return self.__getitems__([key])[0]
-
     def __getitems__(self, keys: List[int]) -> List[Dict[str, Any]]:
         rows = self.dataset[[key % len(self.dataset) for key in keys]]  # one read of the batch's rows
         samples = []
@@ -523,21 +395,6 @@ class _SeededImages(torch.utils.data.Dataset):
                 torch.default_generator.manual_seed(((self.seed % 2 ** 32) << 32) + key % 2 ** 32)
                 samples.append({'image': self.transform(image), 'label': label})
         return samples
-
-
-def image_transform(img_size: int, channels: int, train: bool, crop_pct: float = 0.875):
-    """torchvision transform for the streamed (large-dataset) path: uint8 CHW output, no normalisation.
-
-    Training: random resized crop + horizontal flip; evaluation: resize to ``img_size / crop_pct``, centre crop.
-    """
-    from torchvision import transforms as T
-
-    ops = [_ToMode({1: 'L', 3: 'RGB'}[channels])]
-    if train:
-        ops += [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()]
-    else:
-        ops += [T.Resize(int(math.floor(img_size / crop_pct))), T.CenterCrop(img_size)]
-    return T.Compose(ops + [T.PILToTensor()])
 
 
 def image_loader(
@@ -554,13 +411,20 @@ def image_loader(
     """DataLoader over a ``datasets.Dataset`` too large to decode into memory (ImageNet): decoding and
     augmentation run in worker processes. Yields ``{'image': uint8 (B, C, H, W), 'label': int64 (B,)}``.
 
-    Training shuffles with ``seed`` (a new order each ``set_epoch``) and seeds every image's crop and flip from
-    (``seed``, epoch, image), so a run resumed mid-epoch draws what the uninterrupted run drew.
+    Training takes a random resized crop and a horizontal flip, shuffles with ``seed`` (a new order each
+    ``set_epoch``) and seeds every image's crop and flip from (``seed``, epoch, image), so a run resumed mid-epoch
+    draws what the uninterrupted run drew. Evaluation resizes to ``img_size / 0.875`` (timm's default crop_pct) and
+    takes the centre crop.
     """
     image_column, label_column = find_columns(dataset.features, image_column, label_column)
-    images = _SeededImages(dataset, image_transform(img_size, channels, train), image_column, label_column, seed)
+    dataset = dataset.cast_column(image_column, datasets.Image(mode=_MODES[channels]))
+    if train:
+        ops = [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()]
+    else:
+        ops = [T.Resize(int(img_size / 0.875)), T.CenterCrop(img_size)]
+    transform = T.Compose(ops + [T.PILToTensor()])
     return torch.utils.data.DataLoader(
-        images,
+        _SeededImages(dataset, transform, image_column, label_column, seed),
         batch_size=batch_size,
         sampler=_EpochSampler(len(dataset), seed) if train else None,
         drop_last=train,
