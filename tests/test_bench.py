@@ -363,3 +363,24 @@ def test_repack_parquet_keeps_every_pixel_and_the_features(tmp_path):
     assert torch.equal(repacked.images, original.images) and torch.equal(repacked.labels, original.labels)
     assert repacked.label_names == original.label_names == digits.label_names
     assert np.array_equal(repacked.images.numpy(), digits.images.numpy())
+
+
+def test_device_sweep_runs_each_line_with_its_own_settings_and_returns_one_tar(tmp_path):
+    """bench/device/run.sh sweep FILE: the runs side by side, each with its overrides; their files in sweep.tar."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    runs = tmp_path / 'runs.txt'
+    runs.write_text('# two runs of the digits job\n'
+                    'local digits train.max_steps=2\n'
+                    'backprop digits train.max_steps=2 train.mode=backprop\n')
+    env = {**os.environ, 'OUT': str(out), 'BUDGET_S': '200', 'TQDM_DISABLE': '1'}
+    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'device' / 'run.sh'), 'sweep', str(runs)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(proc.stdout.splitlines()[1:]) == ['backprop: exit 0', 'local: exit 0']  # after the versions line
+    assert [p.name for p in out.iterdir()] == ['sweep.tar']
+    with tarfile.open(out / 'sweep.tar') as tar:
+        assert sorted(tar.getnames()) == sorted(f'{name}{suffix}' for name in ('local', 'backprop')
+                                                for suffix in ('.log', '-results.json', '-block_accuracy.png'))
+        modes = {name: json.load(tar.extractfile(f'{name}-results.json'))['mode'] for name in ('local', 'backprop')}
+    assert modes == {'local': 'fused', 'backprop': 'backprop'}
