@@ -178,6 +178,14 @@ def test_local_parquet_decode_and_cache(tmp_path):
     assert torch.equal(cached.images, data.images) and cached.label_names == data.label_names
     grey = load_tensors(str(folder), 'train', img_size=12, channels=1, cache_dir=tmp_path / 'cache')
     assert grey.images.shape == (10, 1, 12, 12)
+    # A replaced file is another source (new labels, other images); a cut-short cache entry is decoded again.
+    ds.map(lambda row: {'label': 1}).to_parquet(str(folder / 'train-00000-of-00001.parquet'))
+    relabelled = load_tensors(str(folder), 'train', img_size=6, channels=3, cache_dir=tmp_path / 'cache')
+    assert relabelled.labels.tolist() == [1] * 10
+    for entry in (tmp_path / 'cache').glob('*.safetensors'):
+        entry.write_bytes(entry.read_bytes()[:50])
+    again = load_tensors(str(folder), 'train', img_size=6, channels=3, cache_dir=tmp_path / 'cache')
+    assert torch.equal(again.images, data.images) and again.labels.tolist() == [1] * 10
     # Unlabelled (-1), as some Hub test splits are.
     ds.map(lambda row: {'label': -1}).to_parquet(str(folder / 'test-00000-of-00001.parquet'))
     with pytest.raises(ValueError, match=r'labels outside \[0, 2\) \(min -1'):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchvision import transforms as T
 from torchvision.transforms.functional import rgb_to_grayscale
@@ -152,12 +153,17 @@ def load_tensors(
     if source == 'digits':
         return _load_digits(split, img_size, channels)
     cache_dir = Path(cache_dir or os.environ.get('TIMM_ASGE_CACHE', Path.home() / '.cache' / 'timm_asge'))
-    key = json.dumps([str(Path(source).expanduser().resolve()) if Path(source).exists() else source, split, img_size,
-                      channels, image_column, label_column])
+    local = Path(source).expanduser()
+    # A local source is keyed by its files' names, sizes and modification times: a replaced file is decoded again.
+    identity = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(local.resolve().rglob('*'))
+                if f.is_file()] if local.is_dir() else source
+    key = json.dumps([identity, split, img_size, channels, image_column, label_column])
     cache_file = cache_dir / f'{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors'
-    if cache_file.exists():
+    try:
         tensors = load_file(cache_file)
         return ImageData(tensors['images'], tensors['labels'], json.loads(bytes(tensors['label_names'].tolist())))
+    except (SafetensorError, OSError, KeyError, ValueError):  # not cached yet, or a cut-short entry: decode again
+        pass
 
     ds = load_dataset_split(source, split)
     image_column, label_column = find_columns(ds.features, image_column, label_column)
