@@ -433,6 +433,10 @@ def test_dataset_errors(tmp_path):
     with pytest.raises(RecipeError, match=r"training split's 15 images make no full batch of train.batch_size=64"):
         recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}', 'data.label_column=digit',
                      'data.val_size=5', 'data.in_memory=false', 'data.num_workers=0'])
+    # A test split with a class the training split lacks (integer labels 0-3 against 0-2) is refused.
+    ds.map(lambda row, i: {'digit': i % 4}, with_indices=True).to_parquet(str(folder / 'test-00000-of-00001.parquet'))
+    with pytest.raises(RecipeError, match=r"test split's classes \(4: .*train split \(3: .*same classes"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}', 'data.label_column=digit'])
 
 
 def test_unreachable_hub_id_says_how_to_pass_a_local_path(tmp_path):

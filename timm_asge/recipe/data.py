@@ -34,10 +34,15 @@ class RecipeData:
                 self.test = load_split(cfg, cfg['test_split'])
                 self.train, self.val = split_train_val(train, cfg['val_size'], seed)
             self.label_names = split_label_names(cfg, train)
+            test_names = split_label_names(cfg, self.test)
         except SplitNotFoundError as err:
             raise RecipeError(f'{err}. Set data.train_split / data.test_split in the config') from None
         except ValueError as err:
             raise RecipeError(str(err)) from None
+        if test_names != self.label_names[:len(test_names)]:  # a model trained on these cannot predict them
+            raise RecipeError(f"the {cfg['test_split']} split's classes ({len(test_names)}: {test_names[:12]}) are not "
+                              f"those of the {cfg['train_split']} split ({len(self.label_names)}: "
+                              f"{self.label_names[:12]}); use splits of the same classes")
         if cfg['in_memory']:
             self.train, self.val, self.test = (s.to(accelerator.device) for s in (self.train, self.val, self.test))
         self.sizes = {'train': len(self.train), 'validation': len(self.val), 'test': len(self.test)}
