@@ -260,3 +260,23 @@ def test_mnist_copy_decodes_exactly():
     data = load_tensors(str(shared_dataset('mnist')), 'test', img_size=28, channels=1)
     assert data.images.shape == (10000, 1, 28, 28)
     assert torch.bincount(data.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_unreadable_rows_and_empty_splits_are_named(tmp_path):
+    import io
+
+    from PIL import Image
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 50, dtype=np.uint8)).save(jpeg, format='JPEG')
+    good = {'bytes': jpeg.getvalue(), 'path': None}
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=['a', 'b'])})
+    for name, bad in (('cut', {'bytes': jpeg.getvalue()[:60], 'path': None}), ('null', None)):
+        rows = {'image': [good, good, good, bad], 'label': [0, 1, 0, 1]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / name / 'train-0.parquet'))
+        with pytest.raises(ValueError, match=r"row 3 of split 'train' of .*holds no readable image"):
+            load_tensors(str(tmp_path / name), 'train', img_size=8, channels=3, cache_dir=tmp_path / 'cache')
+    empty = datasets.Dataset.from_dict({'image': [good], 'label': [0]}, features=features)
+    empty.to_parquet(str(tmp_path / 'empty' / 'train-0.parquet'))
+    empty.select([]).to_parquet(str(tmp_path / 'empty' / 'test-0.parquet'))
+    with pytest.raises(ValueError, match='empty split'):
+        load_tensors(str(tmp_path / 'empty'), 'test', img_size=8, channels=3, cache_dir=tmp_path / 'cache')

@@ -91,8 +91,12 @@ def load_dataset_split(source: str, split: str):
     except (ConnectionError, OSError) as err:
         raise ValueError(f'could not load dataset {source!r} ({type(err).__name__}: {err}); offline, pass a local '
                          f'copy: data.path=/path/to/folder (<split>-*.parquet files or an imagefolder)') from err
+    except ValueError as err:  # datasets refuses a split file with no rows: 'Instruction "test" corresponds to no data'
+        raise ValueError(f'dataset {source!r} has an empty split ({err}); remove its file or give it rows') from None
     if split not in ds:
         raise SplitNotFoundError(source, split, list(ds))
+    if not len(ds[split]):
+        raise ValueError(f'split {split!r} of dataset {source!r} has no rows; give it rows or choose another split')
     return ds[split]
 
 
@@ -172,7 +176,11 @@ def load_tensors(
     table = ds.cast_column(image_column, datasets.Image(decode=False)).with_format('arrow')[:]
     images = torch.empty(len(table), channels, img_size, img_size, dtype=torch.uint8)
     for i, item in enumerate(table[image_column].to_pylist()):
-        image = Image.open(io.BytesIO(item['bytes']) if item['bytes'] else item['path']).convert(_MODES[channels])
+        try:
+            image = Image.open(io.BytesIO(item['bytes']) if item['bytes'] else item['path']).convert(_MODES[channels])
+        except (OSError, TypeError, ValueError) as err:  # a corrupt or cut-short file, or no image at all (null)
+            raise ValueError(f'row {i} of split {split!r} of {source!r} holds no readable image '
+                             f'({type(err).__name__}: {err}); fix or remove that row') from None
         if image.size != (img_size, img_size):
             image = image.resize((img_size, img_size), Image.BILINEAR)
         images[i] = torch.from_numpy(np.atleast_3d(np.array(image))).permute(2, 0, 1)
