@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -270,12 +271,31 @@ def test_a_full_disk_while_checkpointing_keeps_the_earlier_checkpoints(tmp_path,
         raise RuntimeError('[enforce fail at inline_container.cc:626] . unexpected pos; No space left on device')
 
     monkeypatch.setattr(recipe.Accelerator, 'save_state', fill_the_disk)
-    with pytest.raises(RecipeError, match=r'no space left on .*checkpoints for step_00000003 .*earlier checkpoints '
+    with pytest.raises(RecipeError, match=r'no space left on .*checkpoints/step_00000003 .*earlier checkpoints '
                                          r'are kept'):
         recipe.main(args[:-1] + ['train.max_steps=3', '--resume'])
     assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step_00000002']  # no partial folder
     monkeypatch.undo()
     assert recipe.main(args[:-1] + ['train.max_steps=3', '--resume'])['steps'] == 3
+
+
+def test_a_full_disk_at_the_export_is_one_message_and_a_resume_finishes(tmp_path, monkeypatch):
+    from timm_asge.recipe import results
+    args = ['--config', DIGITS, f'output_dir={tmp_path}', 'train.max_steps=2']
+    save = results.save_pretrained
+
+    def full_at_export(model, directory, **kwargs):
+        if Path(directory).name == 'export':
+            raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                               'space left on device" }) os error 28')
+        return save(model, directory, **kwargs)
+
+    monkeypatch.setattr(results, 'save_pretrained', full_at_export)
+    with pytest.raises(RecipeError, match=r'no space left on .*earlier checkpoints are kept.*then --resume'):
+        recipe.main(args)
+    assert not (tmp_path / 'export').exists() and not (tmp_path / 'results.json').exists()
+    monkeypatch.undo()
+    assert recipe.main(args + ['--resume'])['steps'] == 2 and (tmp_path / 'export' / 'model.safetensors').is_file()
 
 
 def test_stop_after_epochs_keeps_the_full_schedule_and_resumes_it(tmp_path):

@@ -19,7 +19,7 @@ from ..hub import save_pretrained
 from ..models import AsgeCnn
 from .data import RecipeData
 from .loop import accuracy_on
-from .state import TrainState
+from .state import WRITE_ERRORS, TrainState, write_error
 
 __all__ = ['JsonlTracker', 'describe_hardware', 'run_command', 'git_commit', 'plot_history', 'write_json',
            'cudagraph_skips', 'save_best', 'finish']
@@ -109,7 +109,10 @@ def write_json(path: Path, payload: Dict[str, Any]) -> None:
 
 def save_best(model: AsgeCnn, out: Path, label_names: List[str]) -> None:
     """Export the best-validation model so far to ``out/best`` (in timm's Hub format, as the final export)."""
-    save_pretrained(model, out / 'best', label_names=label_names)
+    try:
+        save_pretrained(model, out / 'best', label_names=label_names)
+    except WRITE_ERRORS as err:
+        raise write_error(err, out / 'best') from None
 
 
 def finish(
@@ -162,8 +165,11 @@ def finish(
         'history': state.history,
     }
     if accelerator.is_main_process:
-        save_pretrained(model, out / 'export', label_names=data.label_names)
-        write_json(out / 'results.json', results)
+        try:
+            save_pretrained(model, out / 'export', label_names=data.label_names)
+            write_json(out / 'results.json', results)
+        except WRITE_ERRORS as err:
+            raise write_error(err, out) from None
         accelerator.print(
             'test accuracy: ' + ', '.join(f'{k} {100 * v:.2f}%' for k, v in accuracy.items())
             + f' (best = block {best_index + 1}); results in {out / "results.json"}, model in {out / "export"}')

@@ -16,10 +16,11 @@ from safetensors import SafetensorError
 from ..fileio import atomic_dir
 from .config import RecipeError
 
-__all__ = ['TrainState', 'Checkpoints', 'BEST_FILES', 'hold_output_dir']
+__all__ = ['TrainState', 'Checkpoints', 'BEST_FILES', 'WRITE_ERRORS', 'hold_output_dir', 'write_error']
 
 BEST_FILES = ('config.json', 'model.safetensors')  # what the Hub export writes into out/best
 MANIFEST = 'manifest.json'  # size and SHA-256 of every other file of a checkpoint, written last
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # torch's and safetensors' writers wrap the OSError
 
 
 @contextlib.contextmanager
@@ -83,12 +84,9 @@ class Checkpoints:
                 if (self.out / 'best').is_dir():  # outside accelerate's state; a resume puts it back (see resume)
                     _link_files(self.out / 'best', tmp / 'best')
                 _write_manifest(tmp)
-        except (OSError, RuntimeError, SafetensorError) as err:  # torch's and safetensors' writers wrap OSError
+        except WRITE_ERRORS as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            full = getattr(err, 'errno', None) == errno.ENOSPC or 'No space' in str(err) or 'os error 28' in str(err)
-            raise RecipeError(f'{"no space left on" if full else "cannot write"} {self.folder} for {final.name} '
-                              f'({err}); the earlier checkpoints are kept (a run needs room for keep_checkpoints + 1): '
-                              f'free space, then --resume') from None
+            raise write_error(err, final) from None
         if acc.is_main_process:
             if final.exists():
                 shutil.rmtree(final)
@@ -166,6 +164,13 @@ def _check_manifest(ckpt: Path) -> None:
             raise _corrupt(ckpt, f'{name}: missing')
         if path.stat().st_size != expected['size'] or _sha256(path) != expected['sha256']:
             raise _corrupt(ckpt, f'{name}: changed since it was saved')
+
+
+def write_error(err: Exception, where: Path) -> RecipeError:
+    """A failed write as one message that says whether the disk is full; what was written before is kept."""
+    full = getattr(err, 'errno', None) == errno.ENOSPC or 'No space' in str(err) or 'os error 28' in str(err)
+    return RecipeError(f'{"no space left on" if full else "cannot write"} {where} ({err}); the earlier checkpoints '
+                       f'are kept (a run needs room for keep_checkpoints + 1): free space, then --resume')
 
 
 def _corrupt(ckpt: Path, detail: str) -> RecipeError:
