@@ -27,7 +27,7 @@ from timm_asge.engine import LocalLearner, param_groups
 from timm_asge.recipe import (
     Checkpoints, JsonlTracker, RecipeData, RecipeError, TrainState, accuracy_on, build_model, cosine_schedule,
     cudagraph_skips, describe_hardware, finish, git_commit, hold_output_dir, load_config, plot_history, resolve_auto,
-    run_command, save_best, start_profiler, strategy_metric, train_one_epoch,
+    rewind_log, run_command, save_best, start_profiler, strategy_metric, train_one_epoch,
 )
 
 PLOT_INTERVAL_S = 60.0  # a plot takes as long as a digits epoch on a CPU: mid-run, at most one a minute
@@ -100,6 +100,8 @@ def train(args: argparse.Namespace, config: Dict[str, Any], run: Dict[str, Any],
     accelerator.register_for_checkpointing(scheduler, state)
     if resume_from is not None:
         checkpoints.resume(resume_from)
+        if accelerator.is_main_process:
+            rewind_log(out / 'log.jsonl', state.step)
         accelerator.print(f'resumed from {resume_from}: epoch {state.epoch + 1}, batch {state.batch}, '
                           f'step {state.step}')
     accelerator.init_trackers('tensorboard', config=_flatten(config))

@@ -519,6 +519,12 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, capsys):
     full_results = json.loads((tmp_path / 'full' / 'results.json').read_text())
     resumed_results = json.loads((out / 'results.json').read_text())
     assert full_results['test_accuracy'] == resumed_results['test_accuracy']
+    # The resumed epoch's training accuracy counts the batches before the kill too; the log never goes back.
+    assert [h['train_block_acc'] for h in full_results['history']] == \
+        [h['train_block_acc'] for h in resumed_results['history']]
+    logged = [json.loads(line).get('step') for line in (out / 'log.jsonl').read_text().splitlines()]
+    steps = [step for step in logged if step is not None]
+    assert steps == sorted(steps)  # never back to an earlier step
 
 
 

@@ -84,6 +84,9 @@ def train_one_epoch(
     num_blocks = len(accelerator.unwrap_model(engine).model.stages)
     correct = torch.zeros(num_blocks + 1, device=device, dtype=torch.long)
     seen, window, window_start = 0, [], state.step
+    if state.batch and state.epoch_correct and accelerator.is_main_process:  # resumed mid-epoch: all processes' counts
+        correct += torch.tensor(state.epoch_correct, device=device)
+        seen = state.epoch_seen
     steps_per_epoch, every = data.steps_per_epoch(), train_cfg['checkpoint_every']
     _synchronize(device)
     clock = time.perf_counter()
@@ -117,6 +120,8 @@ def train_one_epoch(
             check_finite(accelerator, window, window_start, checkpoints.last)
             _synchronize(device)
             state.step_time += time.perf_counter() - clock
+            state.epoch_correct = accelerator.reduce(correct.clone(), 'sum').tolist()
+            state.epoch_seen = int(accelerator.reduce(torch.tensor(seen, device=device), 'sum').item())
             checkpoints.save(state)
             clock = time.perf_counter()
         if state.step >= total_steps:

@@ -48,6 +48,15 @@ class JsonlTracker(GeneralTracker):
             f.write(json.dumps({'step': step, **values}) + '\n')
 
 
+def rewind_log(path: Path, step: int) -> None:
+    """Drop the log records after ``step``: a run resumed from there logs those steps again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if (json.loads(line).get('step') or 0) <= step]
+        with atomic_path(path) as tmp:
+            tmp.write_text(''.join(kept))
+
+
 def describe_hardware(accelerator: Accelerator) -> str:
     if accelerator.device.type == 'cuda':
         device = torch.cuda.get_device_name(accelerator.device)

@@ -49,6 +49,9 @@ class TrainState:
         self.history: List[Dict[str, Any]] = []
         self.train_time = 0.0  # wall clock of the run, evaluation and checkpoints included
         self.step_time = 0.0  # training steps alone: what the speed figures use
+        # The epoch's training counts so far, all processes', kept by mid-epoch checkpoints for the epoch's accuracy.
+        self.epoch_correct: List[int] = []
+        self.epoch_seen = 0
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(vars(self))
