@@ -345,8 +345,16 @@ def test_local_dir_expands_home_and_refuses_features_only(exported, monkeypatch,
 def test_files_changed_since_export_are_refused(exported, name, edit):
     _, _, out = exported
     edit(out)
-    with pytest.raises(CheckpointError, match=rf'{name} its model card .*SHA-256'):
+    with pytest.raises(CheckpointError, match=rf'{name} .*SHA-256 differs'):
         hub.create_model_checked(f'local-dir:{out}')
+
+
+def test_a_saved_folder_without_a_card_still_checks_its_weights(tmp_path):
+    hub.save_pretrained(_model(), tmp_path / 'run_export')  # what a training run writes: no model card
+    weights = tmp_path / 'run_export' / 'model.safetensors'
+    weights.write_bytes(_flip_last_weight_bit(weights.read_bytes()))
+    with pytest.raises(CheckpointError, match=r'model.safetensors is not the file saved with .*config.json'):
+        hub.create_model_checked(f'local-dir:{tmp_path / "run_export"}')
 
 
 def _flip_last_weight_bit(data: bytes) -> bytes:

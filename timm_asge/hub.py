@@ -69,9 +69,16 @@ def save_pretrained(model: torch.nn.Module, directory: Union[str, Path], label_n
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     model_config = {'label_names': list(label_names)} if label_names else None
     with atomic_dir(directory, replaceable=(CONFIG_NAME, WEIGHTS_NAME)) as tmp:
-        save_for_hf(
-            model, tmp, model_config=model_config, model_args=model.architecture_args(), safe_serialization=True)
+        _save(model, tmp, model_config)
     return Path(directory)
+
+
+def _save(model: torch.nn.Module, folder: Path, model_config: Optional[Dict[str, Any]]) -> None:
+    """timm's ``save_for_hf``, with the weights' SHA-256 in ``config.json`` for :func:`create_model_checked`."""
+    save_for_hf(model, folder, model_config=model_config, model_args=model.architecture_args(), safe_serialization=True)
+    config = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8'))
+    config['weights_sha256'] = _sha256(folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding='utf-8')
 
 
 # --- checked loading -------------------------------------------------------------------------------------------------
@@ -85,7 +92,7 @@ def _check_architecture(arch: Any, source: str) -> None:
                               f'{", ".join(timm.list_models("asge*"))}); upgrade timm-asge or fix the name')
 
 
-def _check_config(path: Path, kwargs: Dict[str, Any]) -> None:
+def _check_config(path: Path, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """A timm config of an ASGE network this package can build, and of a bounded size (a Hub repo is untrusted)."""
     try:
         config = json.loads(path.read_text(encoding='utf-8'))
@@ -108,6 +115,7 @@ def _check_config(path: Path, kwargs: Dict[str, Any]) -> None:
     if numbers > MAX_NUMBERS:
         raise CheckpointError(f'{path} describes a network of {numbers:,} numbers, more than the {MAX_NUMBERS:,} '
                               f'loaded from a checkpoint; it is not an ASGE export: download or export it again')
+    return config
 
 
 def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
@@ -173,11 +181,11 @@ def create_model_checked(model_name: str, cache_dir: Optional[Union[str, Path]] 
         folder = Path(model_name[len('local-dir:'):]).expanduser()
         model_name = f'local-dir:{folder}'  # timm does not expand ~
         config, weights, card = folder / CONFIG_NAME, folder / WEIGHTS_NAME, folder / CARD_NAME
-        _check_config(config, kwargs)
+        recorded = _check_config(config, kwargs).get('weights_sha256')
     elif model_name.startswith('hf-hub:'):
         repo_id, _, revision = model_name[len('hf-hub:'):].partition('@')
         config = _download(repo_id, CONFIG_NAME, revision or None, cache_dir)
-        _check_config(config, kwargs)
+        recorded = _check_config(config, kwargs).get('weights_sha256')
         weights = _download(repo_id, WEIGHTS_NAME, revision or None, cache_dir)
         try:
             card = _download(repo_id, CARD_NAME, revision or None, cache_dir)
@@ -194,8 +202,11 @@ def create_model_checked(model_name: str, cache_dir: Optional[Union[str, Path]] 
                                   f'pretrained=True), or load a folder with "local-dir:<path>"')
         repo_id, _, revision = cfg.hf_hub_id.partition('@')
         weights = _download(repo_id, cfg.hf_hub_filename or WEIGHTS_NAME, revision or None, cache_dir)
-        config = card = None
+        config = card = recorded = None
     state_dict = _read_weights(weights)
+    if recorded is not None and _sha256(weights) != recorded:
+        raise CheckpointError(f'{weights} is not the file saved with {config} (SHA-256 differs); download or export '
+                              f'it again')
     _check_card_hashes(card, {CONFIG_NAME: config, WEIGHTS_NAME: weights})
 
     # Build without weights, then load the checked state dict through timm's loader: its num_classes / in_chans
@@ -357,8 +368,7 @@ def export(
     _check_registry_name(name, model)
     model_config = dict(label_names=model.pretrained_cfg.get('label_names'), pretrained_cfg=dict(tag=tag or None))
     with atomic_dir(out_dir, replaceable=REPO_FILES) as tmp:
-        save_for_hf(
-            model, tmp, model_config=model_config, model_args=model.architecture_args(), safe_serialization=True)
+        _save(model, tmp, model_config)
         hashes = {name: _sha256(tmp / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
         card = build_card(results, dict(meta, name=name), repo_id=repo_id, sha256=hashes)
         (tmp / CARD_NAME).write_text(card, encoding='utf-8')
