@@ -459,6 +459,28 @@ def test_dataset_errors(tmp_path):
         recipe.main(['--config', DIGITS, f'output_dir={tmp_path}/o', f'data.path={folder}', 'data.label_column=digit'])
 
 
+@pytest.mark.parametrize('bad', ['cut', 'null'])
+def test_streamed_data_names_an_unreadable_image(tmp_path, bad):
+    """In DataLoader workers too, a cut-short or null image stops the run with one line naming it."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 90, dtype=np.uint8)).save(jpeg, format='JPEG')
+    images = [{'bytes': jpeg.getvalue(), 'path': f'{i}.jpg'} for i in range(24)]
+    images[5] = {'bytes': jpeg.getvalue()[:60], 'path': 'bad.jpg'} if bad == 'cut' else None
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=['a', 'b'])})
+    ds = datasets.Dataset.from_dict({'image': images, 'label': [i % 2 for i in range(24)]}, features=features)
+    for split in ('train', 'test'):
+        ds.to_parquet(str(tmp_path / 'data' / f'{split}-00000-of-00001.parquet'))
+    where = 'image bad.jpg' if bad == 'cut' else 'the image of row'
+    with pytest.raises(RecipeError, match=rf"^{where}.* in split '(train|test)' cannot be read \(.*\); fix or remove"):
+        recipe.main(['--config', DIGITS, f'output_dir={tmp_path / "out"}', f'data.path={tmp_path / "data"}',
+                     'data.in_memory=false', 'data.num_workers=2', 'data.val_size=4', 'train.batch_size=4'])
+
+
 def test_unreachable_hub_id_says_how_to_pass_a_local_path(tmp_path):
     proc = run_recipe('--config', DIGITS, f'output_dir={tmp_path}', 'data.source=ylecun/mnist',
                       env={'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')},

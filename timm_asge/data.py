@@ -400,15 +400,33 @@ class _SeededImages(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitems__(self, keys: List[int]) -> List[Dict[str, Any]]:
-        rows = self.dataset[[key % len(self.dataset) for key in keys]]  # one read of the batch's rows
+        rows = [key % len(self.dataset) for key in keys]
+        try:
+            batch = self.dataset[rows]  # one read (and decode) of the batch's rows
+        except (OSError, ValueError):  # a file PIL cannot open: find which
+            for row in rows:
+                try:
+                    self.dataset[row]
+                except (OSError, ValueError) as err:
+                    raise self._unreadable(row, err) from None
+            raise
         samples = []
-        for key, image, label in zip(keys, rows[self.image_column], rows[self.label_column]):
+        for key, row, image, label in zip(keys, rows, batch[self.image_column], batch[self.label_column]):
             with torch.random.fork_rng(devices=[]):
                 # The CPU generator only (torch.manual_seed would reseed the GPU's too, which fork_rng(devices=[]) does
                 # not restore); the seed in the high bits, so no (seed, key) pair shares another's draws.
                 torch.default_generator.manual_seed(((self.seed % 2 ** 32) << 32) + key % 2 ** 32)
-                samples.append({'image': self.transform(image), 'label': label})
+                try:
+                    samples.append({'image': self.transform(image), 'label': label})
+                except (OSError, TypeError, ValueError) as err:  # a null image, or one cut short (read lazily)
+                    raise self._unreadable(row, err) from None
         return samples
+
+    def _unreadable(self, row: int, err: Exception) -> ValueError:
+        raw = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))[row][self.image_column]
+        where = f"image {raw['path']}" if raw and raw.get('path') else f'the image of row {row}'
+        return ValueError(f'{where} in split {str(self.dataset.split)!r} cannot be read ({type(err).__name__}: {err}); '
+                          f'fix or remove it')
 
 
 def image_loader(

@@ -1,4 +1,5 @@
 """The recipe's train/validation/test splits and how it iterates them, on one process or many."""
+import contextlib
 import math
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -76,8 +77,9 @@ class RecipeData:
         if not cfg['in_memory']:
             self.train_loader.set_epoch(epoch)
             loader = acc.skip_first_batches(self.train_loader, start) if start else self.train_loader
-            for index, batch in enumerate(loader, start):
-                yield index, to_model_input(batch['image']), batch['label']
+            with _unreadable_images():
+                for index, batch in enumerate(loader, start):
+                    yield index, to_model_input(batch['image']), batch['label']
             return
         # Inductor compiles the jitter with the step (another backend generates no fused kernels for it).
         compile_jitter = self.train_cfg['compile'] is not False and self.train_cfg['compile_backend'] == 'inductor'
@@ -126,6 +128,19 @@ def eval_batches(accelerator: Accelerator, cfg: Dict[str, Any], data, batch_size
     loader = image_loader(shard, cfg['img_size'], cfg['channels'], batch_size, train=False,
                           num_workers=cfg['num_workers'], image_column=cfg['image_column'],
                           label_column=cfg['label_column'])
-    for batch in loader:
-        device = accelerator.device
-        yield to_model_input(batch['image'].to(device, non_blocking=True)), batch['label'].to(device, non_blocking=True)
+    with _unreadable_images():
+        for batch in loader:
+            device = accelerator.device
+            yield (to_model_input(batch['image'].to(device, non_blocking=True)),
+                   batch['label'].to(device, non_blocking=True))
+
+
+@contextlib.contextmanager
+def _unreadable_images() -> Iterator[None]:
+    """A DataLoader worker's unreadable image as one line: the worker's error arrives wrapped in its traceback."""
+    try:
+        yield
+    except ValueError as err:
+        if 'cannot be read' not in str(err):
+            raise
+        raise RecipeError(str(err).strip().splitlines()[-1].removeprefix('ValueError: ')) from None
