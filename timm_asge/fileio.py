@@ -1,12 +1,13 @@
 """Atomic file and folder writes: a crash leaves either the old file or the new one, never half of one."""
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
 from pathlib import Path
 from typing import Collection, Iterator, Union
 
-__all__ = ['atomic_path', 'atomic_dir']
+__all__ = ['atomic_path', 'atomic_dir', 'file_sha256']
 
 
 def _temporary_name(path: Path) -> Path:
@@ -68,3 +69,12 @@ def atomic_dir(path: Union[str, os.PathLike], replaceable: Collection[str] = ())
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (checkpoints can be far larger than worth holding twice)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -16,11 +16,11 @@ Command line::
 """
 import argparse
 import copy
-import hashlib
+import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import yaml
@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 import timm
 from timm.models import load_pretrained, save_for_hf
 
-from .fileio import atomic_dir
+from .fileio import atomic_dir, file_sha256
 from .models.asge_cnn import PREDICTIONS
 
 __all__ = ['CheckpointError', 'save_pretrained', 'create_model_checked', 'build_card', 'export', 'push', 'main']
@@ -77,7 +77,7 @@ def _save(model: torch.nn.Module, folder: Path, model_config: Optional[Dict[str,
     """timm's ``save_for_hf``, with the weights' SHA-256 in ``config.json`` for :func:`create_model_checked`."""
     save_for_hf(model, folder, model_config=model_config, model_args=model.architecture_args(), safe_serialization=True)
     config = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8'))
-    config['weights_sha256'] = _sha256(folder / WEIGHTS_NAME)
+    config['weights_sha256'] = file_sha256(folder / WEIGHTS_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding='utf-8')
 
 
@@ -134,17 +134,13 @@ def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _check_card_hashes(card: Optional[Path], files: Dict[str, Optional[Path]]) -> None:
+def _check_card_hashes(card: Optional[Path], files: Dict[str, Optional[Path]], digest: Callable[[Path], str]) -> None:
     """The files an export's card recorded (``sha256`` in its metadata) are the files being loaded."""
     if card is None or not card.is_file():
         return
     recorded = ModelCard.load(card).data.to_dict().get('sha256') or {}
     for name, path in files.items():
-        if path is not None and name in recorded and _sha256(path) != recorded[name]:
+        if path is not None and name in recorded and digest(path) != recorded[name]:
             raise CheckpointError(f'{path} is not the {name} its model card {card} was exported with (SHA-256 '
                                   f'differs); download or export the repo again')
 
@@ -204,10 +200,11 @@ def create_model_checked(model_name: str, cache_dir: Optional[Union[str, Path]] 
         weights = _download(repo_id, cfg.hf_hub_filename or WEIGHTS_NAME, revision or None, cache_dir)
         config = card = recorded = None
     state_dict = _read_weights(weights)
-    if recorded is not None and _sha256(weights) != recorded:
+    digest = functools.cache(file_sha256)  # the weights are checked against config.json and the card: hash once
+    if recorded is not None and digest(weights) != recorded:
         raise CheckpointError(f'{weights} is not the file saved with {config} (SHA-256 differs); download or export '
                               f'it again')
-    _check_card_hashes(card, {CONFIG_NAME: config, WEIGHTS_NAME: weights})
+    _check_card_hashes(card, {CONFIG_NAME: config, WEIGHTS_NAME: weights}, digest)
 
     # Build without weights, then load the checked state dict through timm's loader: its num_classes / in_chans
     # adaptation is the one every timm model gets.
@@ -369,7 +366,7 @@ def export(
     model_config = dict(label_names=model.pretrained_cfg.get('label_names'), pretrained_cfg=dict(tag=tag or None))
     with atomic_dir(out_dir, replaceable=REPO_FILES) as tmp:
         _save(model, tmp, model_config)
-        hashes = {name: _sha256(tmp / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
+        hashes = {name: file_sha256(tmp / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
         card = build_card(results, dict(meta, name=name), repo_id=repo_id, sha256=hashes)
         (tmp / CARD_NAME).write_text(card, encoding='utf-8')
     return Path(out_dir)

@@ -2,7 +2,6 @@
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import pickle
@@ -13,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, file_sha256
 from .config import RecipeError
 
 __all__ = ['TrainState', 'Checkpoints', 'BEST_FILES', 'WRITE_ERRORS', 'hold_output_dir', 'write_error']
@@ -138,17 +137,9 @@ class Checkpoints:
         self.last = ckpt
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_manifest(ckpt: Path) -> None:
     files = sorted(p for p in ckpt.rglob('*') if p.is_file())
-    manifest = {str(p.relative_to(ckpt)): {'size': p.stat().st_size, 'sha256': _sha256(p)} for p in files}
+    manifest = {str(p.relative_to(ckpt)): {'size': p.stat().st_size, 'sha256': file_sha256(p)} for p in files}
     (ckpt / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -165,7 +156,7 @@ def _check_manifest(ckpt: Path) -> None:
         path = ckpt / name
         if not path.is_file():
             raise _corrupt(ckpt, f'{name}: missing')
-        if path.stat().st_size != expected['size'] or _sha256(path) != expected['sha256']:
+        if path.stat().st_size != expected['size'] or file_sha256(path) != expected['sha256']:
             raise _corrupt(ckpt, f'{name}: changed since it was saved')
 
 
