@@ -31,9 +31,9 @@ from torchvision.transforms.functional import rgb_to_grayscale
 from .fileio import atomic_path
 
 __all__ = [
-    'ImageData', 'SplitNotFoundError', 'load_dataset_split', 'find_columns', 'label_names', 'load_tensors',
-    'split_train_val', 'epoch_indices', 'epoch_batches', 'num_batches', 'to_model_input', 'augment_batch',
-    'check_color_jitter', 'image_loader',
+    'ImageData', 'SplitNotFoundError', 'UnreadableImageError', 'load_dataset_split', 'find_columns', 'label_names',
+    'load_tensors', 'split_train_val', 'epoch_indices', 'epoch_batches', 'num_batches', 'to_model_input',
+    'augment_batch', 'check_color_jitter', 'image_loader',
 ]
 
 _MODES = {1: 'L', 3: 'RGB'}  # PIL's mode for each channel count
@@ -46,6 +46,10 @@ class SplitNotFoundError(ValueError):
 
     def __init__(self, source: str, split: str, available: Sequence[str]):
         super().__init__(f'dataset {source!r} has no split {split!r}; it has {sorted(available)}')
+
+
+class UnreadableImageError(ValueError):
+    """A row whose image cannot be decoded (corrupt, cut short or null); the message names its split and row or path."""
 
 
 @dataclass
@@ -179,7 +183,7 @@ def load_tensors(
         try:
             image = Image.open(io.BytesIO(item['bytes']) if item['bytes'] else item['path']).convert(_MODES[channels])
         except (OSError, TypeError, ValueError) as err:  # a corrupt or cut-short file, or no image at all (null)
-            raise ValueError(f'row {i} of split {split!r} of {source!r} holds no readable image '
+            raise UnreadableImageError(f'row {i} of split {split!r} of {source!r} holds no readable image '
                              f'({type(err).__name__}: {err}); fix or remove that row') from None
         if image.size != (img_size, img_size):
             image = image.resize((img_size, img_size), Image.BILINEAR)
@@ -422,11 +426,11 @@ class _SeededImages(torch.utils.data.Dataset):
                     raise self._unreadable(row, err) from None
         return samples
 
-    def _unreadable(self, row: int, err: Exception) -> ValueError:
+    def _unreadable(self, row: int, err: Exception) -> UnreadableImageError:
         raw = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))[row][self.image_column]
         where = f"image {raw['path']}" if raw and raw.get('path') else f'the image of row {row}'
-        return ValueError(f'{where} in split {str(self.dataset.split)!r} cannot be read ({type(err).__name__}: {err}); '
-                          f'fix or remove it')
+        return UnreadableImageError(f'{where} in split {str(self.dataset.split)!r} cannot be read '
+                                    f'({type(err).__name__}: {err}); fix or remove it')
 
 
 def image_loader(

@@ -7,8 +7,8 @@ import torch
 from accelerate import Accelerator
 
 from ..data import (
-    SplitNotFoundError, augment_batch, check_color_jitter, epoch_batches, find_columns, image_loader, label_names,
-    load_dataset_split, load_tensors, num_batches, split_train_val, to_model_input,
+    SplitNotFoundError, UnreadableImageError, augment_batch, check_color_jitter, epoch_batches, find_columns,
+    image_loader, label_names, load_dataset_split, load_tensors, num_batches, split_train_val, to_model_input,
 )
 from .config import RecipeError
 
@@ -140,7 +140,6 @@ def _unreadable_images() -> Iterator[None]:
     """A DataLoader worker's unreadable image as one line: the worker's error arrives wrapped in its traceback."""
     try:
         yield
-    except ValueError as err:
-        if 'cannot be read' not in str(err):
-            raise
-        raise RecipeError(str(err).strip().splitlines()[-1].removeprefix('ValueError: ')) from None
+    except UnreadableImageError as err:  # from a worker: "Caught ... Original Traceback ... UnreadableImageError: ..."
+        line = str(err).strip().splitlines()[-1]
+        raise RecipeError(line.partition(f'{UnreadableImageError.__name__}: ')[2] or line) from None
