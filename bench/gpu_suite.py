@@ -48,8 +48,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import timm_asge  # noqa: F401 (registers the asge_* models)
 from timm_asge import LocalLearner, param_groups
+from timm_asge.augment import augment_batch
 from timm_asge.costs import training_activation_bytes, training_flops
-from timm_asge.data import augment_batch, to_model_input
+from timm_asge.data import to_model_input
 
 from bench.cpu_throughput import environment, write_record
 

@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def step_peak_bytes(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
     """Peak extra bytes of one training step of ``variant`` (after one warm-up step), without computing it."""
-    original_check = engine.check_labels
-    # The CPU label check reads label values, which fake tensors do not have; the labels here are in range.
-    engine.check_labels = lambda *args, **kwargs: None
+    original_check = engine.check_batch
+    # The CPU label check reads label values, which fake tensors do not have; the batch here is valid.
+    engine.check_batch = lambda *args, **kwargs: None
     try:
         with FakeTensorMode():
             model, step = build(args, variant, args.batch_size, torch.device('cpu'))
@@ -46,7 +46,7 @@ def step_peak_bytes(args: argparse.Namespace, variant: str) -> Dict[str, Any]:
             with meter:
                 step()
     finally:
-        engine.check_labels = original_check
+        engine.check_batch = original_check
     # Outside FakeTensorMode: the package measures saved tensors on a real one-image step.
     saved = training_activation_bytes(timm.create_model(args.model), args.input_size, variant) * args.batch_size
     return dict(variant=variant, precision='bf16 autocast' if args.amp else 'fp32', batch_size=args.batch_size,

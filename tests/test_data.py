@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import shared_dataset
+from timm_asge.augment import augment_batch
 from timm_asge.data import (
-    ImageData, augment_batch, epoch_batches, epoch_indices, find_columns, image_loader, load_tensors, num_batches,
-    split_train_val)
+    ImageData, epoch_batches, epoch_indices, find_columns, image_loader, load_tensors, num_batches, split_train_val)
 
 
 def test_find_columns_prefers_fine_label_and_names_missing_ones():
@@ -114,7 +114,7 @@ def test_colour_jitter_edges_are_torchvisions():
     """Factors at the ends of their ranges (0: black, grey, flat; hue +-0.5), in every order, on saturated pixels."""
     import itertools
     import torchvision.transforms.functional as TF
-    from timm_asge.data import _color_jitter
+    from timm_asge.augment import _color_jitter
     image = torch.tensor([0.0, 1.0, 0.5, 1.0, 1.0, 0.2]).repeat(3, 2, 1)  # ties, 0s and 1s
     image[1, 1] = torch.tensor([1.0, 0.0, 0.2, 1.0, 0.3, 0.2])
     image[2, 0] = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.0, 1.0])

@@ -2,7 +2,8 @@
 
 ``import timm_asge`` registers the ``asge_*`` architectures in timm's model registry.
 """
-from .models import AsgeBlock, AsgeCnn
+from .goodness import AsgeBlock
+from .models import AsgeCnn
 from .engine import LocalLearner, choose_best_block, evaluate, param_groups
 
 __all__ = ['AsgeBlock', 'AsgeCnn', 'LocalLearner', 'choose_best_block', 'evaluate', 'param_groups']

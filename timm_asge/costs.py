@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .engine import LocalLearner
+from .engine import LocalLearner, check_batch
 from .models.asge_cnn import AsgeCnn
 
 __all__ = ['strategy_costs', 'training_flops', 'training_activation_bytes']
@@ -130,11 +130,11 @@ def strategy_costs(model: AsgeCnn, input_size: Sequence[int]) -> Dict[str, Dict[
         model: The ASGE network.
         input_size: Image size (C, H, W).
     """
-    model.check_input_size(input_size)
     model = copy.deepcopy(model)
     strategies = ('fusion', 'last') + (('best',) if model.best_block is not None else ())
     costs = {}
     with _rng_kept(model):
+        check_batch(model, *_one_image(model, input_size))
         for strategy in strategies:
             costs[strategy] = _strategy_costs(model, strategy, input_size)
     return costs

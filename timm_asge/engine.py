@@ -12,7 +12,7 @@ Two modes give identical gradients:
 A third mode, ``backprop``, is the baseline the method is measured against: the same network trained end to end
 through the fusion read-out (block inputs not detached, only the read-out's loss back-propagated).
 """
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,42 +22,43 @@ from .goodness import check_choice
 from .models.asge_cnn import AsgeCnn
 
 __all__ = [
-    'LocalLearner', 'MODES', 'param_groups', 'evaluate', 'pick_best_block', 'choose_best_block', 'check_labels',
+    'LocalLearner', 'MODES', 'param_groups', 'evaluate', 'pick_best_block', 'choose_best_block', 'check_batch',
     'all_reduce_gradients',
 ]
 
 MODES = ('fused', 'lean', 'backprop')
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, batch_size: Optional[int] = None) -> None:
-    """Raise a ValueError if the labels are not one class index per image, or one lies outside ``[0, num_classes)``.
+def check_batch(model: AsgeCnn, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Raise a ValueError naming the problem if ``images`` and ``labels`` are not a batch ``model`` can learn from.
 
-    Shape and dtype are checked everywhere (they are static, also to ``torch.compile``); the values as follows.
-    On the CPU the check is immediate. On an accelerator, and inside ``torch.compile``, it is an asynchronous device
-    assert (no host sync or graph break in the training step) that fails later with a RuntimeError; the recipe also
-    checks every label once, on the host, when it loads the data, with a clear message.
+    Label values are checked at once on the CPU; on an accelerator or inside ``torch.compile``, by an asynchronous
+    device assert (no host sync) that fails later with a RuntimeError. The recipe checks every label when it loads data.
     """
-    integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
-    if labels.ndim != 1 or not integer:
-        if labels.ndim == 2 and labels.shape[1] > 1:  # one-hot (integer or float) or soft targets
-            remedy = 'pass labels.argmax(1) for one-hot or soft targets'
-        elif labels.ndim == 1:
-            remedy = 'pass labels.long() if they hold whole class numbers'
-        elif labels.numel() == (labels.shape[0] if labels.ndim else 1):  # (B, 1), (B, 1, 1), ()
-            remedy = 'pass labels.reshape(-1) if they hold one class index per image'
-        else:
-            remedy = 'pass one class index per image'
-        raise ValueError(f'labels must be class indices, an integer tensor of shape (B,), got {labels.dtype} of shape '
-                         f'{tuple(labels.shape)}; {remedy}')
-    if batch_size is not None and labels.shape[0] != batch_size:
-        raise ValueError(f'{labels.shape[0]} labels for {batch_size} images; pass one label per image')
-    labels = labels.long()  # min/max and comparisons exist for every integer dtype in int64 (not for uint16 on the CPU)
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f'images must be a float batch (B, C, H, W), got {images.dtype} of shape '
+                         f'{tuple(images.shape)}; e.g. images.float() / 255 (the network normalises them itself)')
+    channels, height, width = images.shape[1:]
+    if channels != model.in_chans:
+        raise ValueError(f'the model reads {model.in_chans}-channel images but got {channels} channels; convert the '
+                         f'images or create the model with in_chans={channels}')
+    if min(height, width) < model.min_input_size:
+        raise ValueError(f'images of {height}x{width} are too small for this network: its down-sampling and goodness '
+                         f'grids need at least {model.min_input_size}x{model.min_input_size}; resize them or use a '
+                         f'shallower network')
+    integer = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+    if labels.shape != images.shape[:1] or not integer:
+        # A column of labels is reshaped, not argmax-ed (which would make every label 0).
+        remedy = 'labels.reshape(-1).long()' if labels.numel() == len(images) else \
+            'labels.argmax(1) for one-hot or soft labels' if labels.ndim == 2 else 'one class index per image'
+        raise ValueError(f'labels must be class indices, an integer tensor of shape ({len(images)},), got '
+                         f'{labels.dtype} of shape {tuple(labels.shape)}; pass {remedy}')
+    labels, num_classes = labels.long(), model.num_classes
     if labels.device.type == 'cpu' and not torch.compiler.is_compiling():
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
-            raise ValueError(
-                f'labels {bad[:10]} lie outside [0, {num_classes}) for a {num_classes}-class model; '
-                f'check the dataset label column or create the model with num_classes=<number of classes>')
+        bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
+        if bad:
+            raise ValueError(f'labels {bad[:10]} lie outside [0, {num_classes}) for a {num_classes}-class model; check '
+                             f'the label column, or create the model with num_classes=<number of classes>')
     else:
         torch._assert_async(((labels >= 0) & (labels < num_classes)).all(), f'labels outside [0, {num_classes})')
 
@@ -91,8 +92,7 @@ class LocalLearner(nn.Module):
         """
         model = self.model
         if not self.checked:  # once: shapes and dtypes do not change between batches, and checks cost host syncs
-            model.check_input(images)
-            check_labels(labels, model.num_classes, images.shape[0])
+            check_batch(model, images, labels)
             self.checked = True
         labels = labels.long()  # cross_entropy takes int64 class indices only; uint8 or int32 labels are common
         lean = self.mode == 'lean' and torch.is_grad_enabled()
@@ -123,16 +123,11 @@ class LocalLearner(nn.Module):
         }
 
 
-def param_groups(
-        model: AsgeCnn,
-        lr: float,
-        weight_decay: float = 0.0,
-        block_lrs: Optional[Sequence[float]] = None,
-) -> List[Dict]:
+def param_groups(model: AsgeCnn, lr: float, weight_decay: float = 0.0) -> List[Dict]:
     """One optimizer param group per block and two for the fusion read-out (weights, bias).
 
-    One optimizer with per-block groups keeps per-block learning rates possible while mixed precision sees a single
-    optimizer (accelerate steps a grad scaler once per optimizer, which breaks fp16 with several optimizers).
+    One optimizer with per-block groups, not one optimizer per block: accelerate steps a grad scaler and a prepared
+    scheduler once per optimizer.
 
     The authors' read-out is one ``Linear(C_l, N)`` per fused block under one AdamW. Its weights are our weight's
     column slices, but its K biases all get the same gradient, so their sum (our one bias) moves K times as far per
@@ -142,15 +137,9 @@ def param_groups(
         model: The ASGE network.
         lr: Learning rate of every group (the fusion read-out's weights included).
         weight_decay: Weight decay of every group.
-        block_lrs: Optional learning rate per block, overriding ``lr`` for the blocks.
     """
-    if block_lrs is not None and len(block_lrs) != len(model.stages):
-        raise ValueError(f'block_lrs has {len(block_lrs)} entries but the model has {len(model.stages)} blocks')
-    groups = []
-    for i, block in enumerate(model.stages):
-        block_lr = lr if block_lrs is None else block_lrs[i]
-        groups.append({'params': list(block.parameters()), 'lr': block_lr, 'weight_decay': weight_decay,
-                       'name': f'stages.{i}'})
+    groups = [{'params': list(block.parameters()), 'lr': lr, 'weight_decay': weight_decay, 'name': f'stages.{i}'}
+              for i, block in enumerate(model.stages)]
     head = dict(model.head.named_parameters())
     biases = [param for name, param in head.items() if name.endswith('bias')]
     groups.append({'params': [param for name, param in head.items() if not name.endswith('bias')], 'lr': lr,

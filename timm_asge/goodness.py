@@ -1,8 +1,8 @@
-"""Spatial goodness: the read-out that turns an ASGE block's feature map into class scores.
+"""Spatial goodness: the read-out that turns an ASGE block's feature map into class scores, and the block itself.
 
-Pieces of one ASGE block (Gong, Staszewski, Xu, "Adaptive Spatial Goodness Encoding", arXiv:2509.12394) that carry
+The pieces of one ASGE block (Gong, Staszewski, Xu, "Adaptive Spatial Goodness Encoding", arXiv:2509.12394) that carry
 no trainable weights: the adaptive grid size, the grid-pooled goodness vector, the fixed random projection to class
-scores, RMS pooling and the parameter-free per-sample RMS normalisation.
+scores, RMS pooling and the parameter-free per-sample RMS normalisation; then ``AsgeBlock``, a conv3x3 with them.
 """
 import math
 from typing import Optional, Sequence, Tuple
@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 __all__ = [
     'grid_size', 'spatial_goodness', 'relu_spatial_goodness', 'rms_norm', 'rms_pool2d', 'RmsNorm', 'FixedProjection',
+    'AsgeBlock', 'POOL_TYPES',
 ]
+
+POOL_TYPES = ('rms', 'avg')  # down-sampling between blocks: the paper's, or the authors' code's
 
 # Added to the RMS before dividing so an all-zero map stays zero instead of NaN.
 _RMS_EPS = 1e-6
@@ -185,3 +188,46 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(repr(c) for c in choices)}')
     return value
+
+
+class AsgeBlock(nn.Module):
+    """One ASGE block: conv3x3 + ReLU (``features``, the map Y), goodness scores of Y (``scores``), then
+    ``transition``: optional 2x2 down-sampling, dropout and RMS norm into the next block's input."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            num_classes: int,
+            grid: int,
+            downsample: bool = False,
+            pool_type: str = 'rms',
+            drop_rate: float = 0.1,
+            projection_seed: int = 0,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.grid = grid
+        self.downsample = downsample
+        self.pool_type = check_choice('pool_type', pool_type, POOL_TYPES)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, padding=1, bias=True, **dd)
+        self.act = nn.ReLU()
+        self.proj = FixedProjection(out_chs * grid * grid, num_classes, seed=projection_seed, **dd)
+        self.drop = nn.Dropout(drop_rate)
+        self.norm = RmsNorm()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+    def scores(self, y: torch.Tensor) -> torch.Tensor:
+        return self.proj(spatial_goodness(y, self.grid))
+
+    def transition(self, y: torch.Tensor) -> torch.Tensor:
+        if self.downsample:
+            y = rms_pool2d(y, 2) if self.pool_type == 'rms' else F.avg_pool2d(y, 2)
+        return self.norm(self.drop(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transition(self.features(x))

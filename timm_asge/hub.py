@@ -44,8 +44,6 @@ CARD_NAME = 'README.md'
 REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 # hub_cards/ sits next to the package in a source checkout, where exports are made.
 CARDS_DIR = Path(__file__).resolve().parent.parent / 'hub_cards'
-# What a registry-name load may build differently without changing what the weights compute.
-RUNTIME_ARGS = ('prediction', 'best_block', 'drop_rate')
 # Parameters and buffers a checkpoint may ask for: far above any ASGE network (asge_vgg11_w64 for ImageNet: 20M), far
 # below what a hostile config.json could make the loader allocate.
 MAX_NUMBERS = 2 ** 28
@@ -134,13 +132,13 @@ def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-def _check_card_hashes(card: Optional[Path], files: Dict[str, Optional[Path]], digest: Callable[[Path], str]) -> None:
+def _check_card_hashes(card: Optional[Path], files: Dict[str, Path], digest: Callable[[Path], str]) -> None:
     """The files an export's card recorded (``sha256`` in its metadata) are the files being loaded."""
     if card is None or not card.is_file():
         return
     recorded = ModelCard.load(card).data.to_dict().get('sha256') or {}
     for name, path in files.items():
-        if path is not None and name in recorded and digest(path) != recorded[name]:
+        if name in recorded and digest(path) != recorded[name]:
             raise CheckpointError(f'{path} is not the {name} its model card {card} was exported with (SHA-256 '
                                   f'differs); download or export the repo again')
 
@@ -163,8 +161,8 @@ def create_model_checked(model_name: str, cache_dir: Optional[Union[str, Path]] 
     """``timm.create_model(model_name, pretrained=True, **kwargs)`` for ASGE checkpoints, checked first.
 
     Takes timm's names: ``'hf-hub:org/name[@revision]'``, ``'local-dir:/path'`` or a registry name with published
-    weights. Only safetensors are read (nothing is unpickled). ``num_classes`` and ``in_chans`` may differ from the
-    checkpoint's: timm adapts them as for any model (fresh fusion read-out and projections, adapted first conv).
+    weights (read from its Hub repo). Only safetensors are read (nothing is unpickled). ``num_classes`` and
+    ``in_chans`` may differ from the checkpoint's: timm adapts them as for any model.
 
     Raises:
         CheckpointError: A missing, corrupt or truncated file, an architecture that is not ASGE, or weights that do
@@ -173,12 +171,22 @@ def create_model_checked(model_name: str, cache_dir: Optional[Union[str, Path]] 
     kwargs.pop('pretrained', None)
     if kwargs.get('features_only'):
         raise ValueError('create_model_checked loads a whole model; call forward_intermediates on it for features')
+    if not model_name.startswith(('local-dir:', 'hf-hub:')):  # a registry name: load its Hub repo, config included
+        _check_architecture(model_name.split('.', 1)[0], f'the model name {model_name!r}')
+        try:
+            hf_hub_id = timm.models.get_pretrained_cfg(model_name).hf_hub_id
+        except RuntimeError:  # an unknown tag
+            hf_hub_id = None
+        if not hf_hub_id:
+            raise CheckpointError(f'{model_name!r} has no published weights; see timm.list_models("asge*", '
+                                  f'pretrained=True), or load a folder with "local-dir:<path>"')
+        model_name = f'hf-hub:{hf_hub_id}'
     if model_name.startswith('local-dir:'):
         folder = Path(model_name[len('local-dir:'):]).expanduser()
         model_name = f'local-dir:{folder}'  # timm does not expand ~
         config, weights, card = folder / CONFIG_NAME, folder / WEIGHTS_NAME, folder / CARD_NAME
         recorded = _check_config(config, kwargs).get('weights_sha256')
-    elif model_name.startswith('hf-hub:'):
+    else:
         repo_id, _, revision = model_name[len('hf-hub:'):].partition('@')
         config = _download(repo_id, CONFIG_NAME, revision or None, cache_dir)
         recorded = _check_config(config, kwargs).get('weights_sha256')
@@ -187,18 +195,6 @@ def create_model_checked(model_name: str, cache_dir: Optional[Union[str, Path]] 
             card = _download(repo_id, CARD_NAME, revision or None, cache_dir)
         except CheckpointError:  # a repo without our card has no hashes to check
             card = None
-    else:
-        _check_architecture(model_name.split('.', 1)[0], f'the model name {model_name!r}')
-        try:
-            cfg = timm.models.get_pretrained_cfg(model_name)
-        except RuntimeError:  # an unknown tag
-            cfg = None
-        if cfg is None or not cfg.hf_hub_id:
-            raise CheckpointError(f'{model_name!r} has no published weights; see timm.list_models("asge*", '
-                                  f'pretrained=True), or load a folder with "local-dir:<path>"')
-        repo_id, _, revision = cfg.hf_hub_id.partition('@')
-        weights = _download(repo_id, cfg.hf_hub_filename or WEIGHTS_NAME, revision or None, cache_dir)
-        config = card = recorded = None
     state_dict = _read_weights(weights)
     digest = functools.cache(file_sha256)  # the weights are checked against config.json and the card: hash once
     if recorded is not None and digest(weights) != recorded:
@@ -308,23 +304,6 @@ def build_card(
 
 # --- export and push -------------------------------------------------------------------------------------------------
 
-def _check_registry_name(name: str, model: torch.nn.Module) -> None:
-    """A registry name (``asge_cnn.mnist``) loads only the weights, into the network this package builds for it:
-    refuse to publish under it weights of another network."""
-    try:
-        registered = timm.models.get_pretrained_cfg(name, allow_unregistered=False) is not None
-    except RuntimeError:  # an unknown tag
-        registered = False
-    if not registered:
-        return
-    reference = timm.create_model(name, device='meta').architecture_args()
-    differences = [f'{k}={v!r} (registry: {reference[k]!r})' for k, v in model.architecture_args().items()
-                   if k not in RUNTIME_ARGS and v != reference.get(k)]
-    if differences:
-        raise ValueError(f'timm.create_model({name!r}, pretrained=True) builds another network than this run\'s '
-                         f'({", ".join(differences)}); export under another tag, e.g. --name {name}_custom')
-
-
 def export(
         run_dir: Union[str, Path],
         out_dir: Union[str, Path],
@@ -362,7 +341,6 @@ def export(
     if arch != model.pretrained_cfg['architecture']:
         raise ValueError(f'the run trained {model.pretrained_cfg["architecture"]!r}, not {arch!r}; pass a matching '
                          f'--name or --metadata')
-    _check_registry_name(name, model)
     model_config = dict(label_names=model.pretrained_cfg.get('label_names'), pretrained_cfg=dict(tag=tag or None))
     with atomic_dir(out_dir, replaceable=REPO_FILES) as tmp:
         _save(model, tmp, model_config)

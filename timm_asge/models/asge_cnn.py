@@ -4,16 +4,11 @@ Papers:
     `Adaptive Spatial Goodness Encoding: Advancing and Scaling Forward-Forward Learning` - https://arxiv.org/abs/2509.12394
     (Q. Gong, R. B. Staszewski, K. Xu; ICASSP 2026)
 
-Every block is conv3x3 + ReLU with its own local classifier: the block's spatial goodness (mean of squared
-activations over an adaptive P x P grid per channel) times a fixed random projection gives class scores trained
-with cross-entropy. Blocks never exchange gradients; the training engine (``timm_asge.engine``) detaches between
-them. The model's ``forward`` is a plain, differentiable inference path, so timm's tooling, ``torch.compile``,
-export and back-prop fine-tuning work on it.
-
-Prediction strategies (the paper's v2 names; definitions inferred from the authors' code, see README):
-    * ``fusion``: a trainable linear read-out over the pooled outputs of blocks 2..L, logits summed.
-    * ``last``: the last block's fixed-projection scores; no trainable head.
-    * ``best``: the fixed-projection scores of the block most accurate on validation; later blocks are not run.
+Every block is conv3x3 + ReLU with its own local classifier: its spatial goodness (mean of squared activations over
+an adaptive P x P grid per channel) times a fixed random projection gives class scores trained with cross-entropy.
+The training engine (``timm_asge.engine``) keeps gradients inside each block; ``forward`` is a plain differentiable
+inference path. Prediction strategies: ``fusion`` (a trainable linear read-out over the pooled outputs of blocks
+2..L), ``last`` (the last block's scores) and ``best`` (the scores of the block best on validation).
 
 Adapted for timm by the timm-asge authors from the method description and the authors' code (KCL-KAI-Lab/ASGE).
 """
@@ -29,77 +24,25 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ..goodness import (
-    FixedProjection, RmsNorm, check_choice, grid_size, relu_spatial_goodness, rms_pool2d, spatial_goodness,
+    AsgeBlock, FixedProjection, RmsNorm, check_choice, grid_size, relu_spatial_goodness, spatial_goodness,
 )
 
-__all__ = ['AsgeCnn', 'AsgeBlock', 'PREDICTIONS', 'POOL_TYPES']
+__all__ = ['AsgeCnn', 'PREDICTIONS']
 
 PREDICTIONS = ('fusion', 'last', 'best')
-POOL_TYPES = ('rms', 'avg')
-# The constructor arguments architecture_args hands back (head_init_scale only sets initial weights, which a
-# checkpoint replaces).
+# What architecture_args hands back (head_init_scale only sets initial weights, which a checkpoint replaces).
 _ARCH_ARGS = (
     'widths', 'downsample', 'num_classes', 'in_chans', 'global_pool', 'pool_type', 'alpha', 'grid_ref_channels',
     'drop_rate', 'prediction', 'best_block', 'fusion_start', 'projection_seed',
 )
 
 
-class AsgeBlock(nn.Module):
-    """One ASGE block: conv3x3 + ReLU, a goodness read-out with a fixed projection, then the output transition.
-
-    ``features`` gives the activation map Y the local loss reads; ``scores`` maps Y to class scores; ``transition``
-    down-samples (optional; ``'rms'`` pooling as in the paper or ``'avg'`` as in the authors' code), applies dropout
-    and RMS-normalises Y into the next block's input. ``forward`` is ``transition(features(x))``, so the block is an
-    ordinary stage for ``features_only``.
-    """
-
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            num_classes: int,
-            grid: int,
-            downsample: bool = False,
-            pool_type: str = 'rms',
-            drop_rate: float = 0.1,
-            projection_seed: int = 0,
-            device=None,
-            dtype=None,
-    ):
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__()
-        self.grid = grid
-        self.downsample = downsample
-        self.pool_type = check_choice('pool_type', pool_type, POOL_TYPES)
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, padding=1, bias=True, **dd)
-        self.act = nn.ReLU()
-        self.proj = FixedProjection(out_chs * grid * grid, num_classes, seed=projection_seed, **dd)
-        self.drop = nn.Dropout(drop_rate)
-        self.norm = RmsNorm()
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(x))
-
-    def scores(self, y: torch.Tensor) -> torch.Tensor:
-        return self.proj(spatial_goodness(y, self.grid))
-
-    def transition(self, y: torch.Tensor) -> torch.Tensor:
-        if self.downsample:
-            y = rms_pool2d(y, 2) if self.pool_type == 'rms' else F.avg_pool2d(y, 2)
-        return self.norm(self.drop(y))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transition(self.features(x))
-
-
 class AsgeCnn(nn.Module):
     """ASGE convolutional network (VGG-style stack of ASGE blocks).
 
-    The model always holds every block's fixed projection and the fusion read-out, so one checkpoint serves all
-    three prediction strategies; ``set_prediction`` switches between them. ``num_features`` and
-    ``head_hidden_size`` follow the active strategy: for ``fusion`` the features are the block outputs 2..L,
-    pooled to the final resolution and concatenated; for ``last``/``best`` they are the read block's activation map
-    and the pre-logits are its goodness vector.
+    One checkpoint serves all three prediction strategies; ``set_prediction`` switches between them. The features
+    follow the active strategy: for ``fusion`` the block outputs 2..L pooled to the final resolution and
+    concatenated, for ``last``/``best`` the read block's map (its pre-logits: the goodness vector).
     """
 
     def __init__(
@@ -193,13 +136,8 @@ class AsgeCnn(nn.Module):
         self._init_head()
 
     def _init_head(self) -> None:
-        """Kaiming-normal, zero-bias fusion read-out, as the authors initialise theirs, times ``head_init_scale``.
-
-        Their read-out is one ``Linear(C_l, N)`` per block, logits summed; ours is that sum as one linear layer over
-        the concatenation, so each block's slice of columns gets the fan-in of its own head (``std = sqrt(2 / C_l)``),
-        not nn.Linear's default over all columns. A pooling that concatenates several poolings (``catavgmax``)
-        repeats the block slices once per pooling.
-        """
+        """The authors' Kaiming-normal, zero-bias read-out times ``head_init_scale``: theirs is one ``Linear(C_l, N)``
+        per block, logits summed, so each block's slice of our one layer's columns gets its own fan-in."""
         fc = self.head.fc
         if not isinstance(fc, nn.Linear):
             return  # no read-out (num_classes=0)
@@ -274,40 +212,17 @@ class AsgeCnn(nn.Module):
             scale *= 2 if down else 1
         return size
 
-    def check_input_size(self, input_size: Sequence[int]) -> None:
-        """Raise a ValueError if images of ``input_size`` (C, H, W) have the wrong channels or are too small."""
-        in_chans, *image_size = input_size
-        if in_chans != self.in_chans:
-            raise ValueError(f'the model expects {self.in_chans}-channel images but got {in_chans} channels; convert '
-                             f'the images or create the model with in_chans={in_chans}')
-        if min(image_size) < self.min_input_size:
-            raise ValueError(
-                f'image size {tuple(image_size)} is too small for this network: its {sum(self.downsample)} '
-                f'down-sampling steps and goodness grids {self.grids} need at least '
-                f'{self.min_input_size}x{self.min_input_size}; resize the images or use a shallower network')
-
-    def check_input(self, images: torch.Tensor) -> None:
-        """Raise a ValueError naming the problem if ``images`` is not a batch of images this network can read."""
-        if images.ndim != 4:
-            raise ValueError(f'expected a batch of images (B, C, H, W), got a tensor of shape {tuple(images.shape)}')
-        if not images.is_floating_point():
-            raise ValueError(f'expected floating-point images, got {images.dtype}; convert them, e.g. '
-                             f'images.float() / 255 (the network RMS-normalises its input, so no mean/std)')
-        self.check_input_size(images.shape[1:])
-
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial size of the last block's output (the fusion features) for an input of ``height x width``."""
         steps = sum(self.downsample)  # each 2x2 down-sampling halves a side, rounding down
         return height >> steps, width >> steps
 
     def fusion_input(self, output: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        """A block output brought to the final resolution ``size``, ready to concatenate into the fusion features.
+        """A block output at the final resolution ``size``, to concatenate into the fusion features.
 
-        Global average pooling of the concatenation must equal each block's own global average (the fusion read-out
-        is a sum of per-block linear heads on pooled outputs). Where the block's side is a multiple of the final side
-        (every even input size), average pooling to ``size`` keeps that exactly. Where down-sampling rounded an odd
-        side down, adaptive pooling's windows would overlap and weight some pixels twice, so the block's global
-        average is broadcast over ``size`` instead.
+        Pooling the concatenation must give each block's own global average (the read-out sums per-block heads on
+        pooled outputs): exact for average pooling where the sides divide; where down-sampling rounded an odd side
+        down, adaptive pooling would weight some pixels twice, so the block's mean is broadcast instead.
         """
         height, width = output.shape[-2:]
         if (height, width) == tuple(size):

@@ -6,9 +6,10 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 from accelerate import Accelerator
 
+from ..augment import augment_batch, check_color_jitter
 from ..data import (
-    SplitNotFoundError, UnreadableImageError, augment_batch, check_color_jitter, epoch_batches, find_columns,
-    image_loader, label_names, load_dataset_split, load_tensors, num_batches, split_train_val, to_model_input,
+    SplitNotFoundError, UnreadableImageError, epoch_batches, find_columns, image_loader, label_names,
+    load_dataset_split, load_tensors, num_batches, split_train_val, to_model_input,
 )
 from .config import RecipeError
 
