@@ -6,13 +6,10 @@
     accelerate launch -q --config_file recipes/accelerate.yaml recipes/validate.py --model hf-hub:<org>/<name> \\
         --config recipes/configs/mnist.yaml data.path=/data/mnist
 
-``--model`` takes what ``timm.create_model(..., pretrained=True)`` loads (``hf-hub:org/name[@revision]``,
-``local-dir:<folder>``, a registry name with published weights) or a training run's folder (its ``export/``). The
-weights are read with safetensors only and checked against the network before any data is decoded. The data comes
-from the config's ``data`` section exactly as in training (``key=value`` overrides work the same way): its test split,
-or the split ``--split`` names, without augmentation; ``train.eval_batch_size``, ``train.mixed_precision`` and
-``train.cpu`` apply too. ``best`` reads the block chosen on the validation split when the model was trained (stored in
-its config.json); it is never chosen on the split under test, and is reported as not chosen when the model has none.
+``--model`` takes a timm name (``hf-hub:org/name[@revision]``, ``local-dir:<folder>``, a registry name with published
+weights) or a training run's folder; the weights are checked before any data is decoded. The data comes from the
+config's ``data`` section as in training, without augmentation: its test split, or ``--split``. ``best`` reads the
+block chosen on validation when the model was trained; it is never chosen on the split under test.
 """
 import argparse
 import sys

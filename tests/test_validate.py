@@ -27,9 +27,11 @@ def test_untrained_model_figures_are_its_own_predictions(tmp_path):
     """Every block's and the read-out's accuracy are what the model predicts; `best` is only what training chose."""
     model = _saved(tmp_path / 'model')
     test = load_tensors('digits', 'test', 16, 1)
+    expected = []
     with torch.no_grad():
-        logits = model.block_logits(to_model_input(test.images))
-    expected = [(out.argmax(1) == test.labels).double().mean().item() for out in logits]
+        for prediction, block in [('best', i) for i in range(len(model.stages))] + [('fusion', None)]:
+            model.set_prediction(prediction, best_block=block)
+            expected.append((model(to_model_input(test.images)).argmax(1) == test.labels).double().mean().item())
 
     results = validate.main(['--model', f'local-dir:{tmp_path / "model"}', '--config', DIGITS,
                              'train.eval_batch_size=64', '--out', str(tmp_path / 'out.json')])

@@ -120,15 +120,11 @@ def _strategy_costs(model: AsgeCnn, strategy: str, input_size: Sequence[int]) ->
 
 
 def strategy_costs(model: AsgeCnn, input_size: Sequence[int]) -> Dict[str, Dict[str, int]]:
-    """Parameters, fixed buffers, FLOPs, activation memory and blocks run by each prediction strategy, per image.
+    """Parameters, fixed buffers, FLOPs, activation memory and blocks run by each prediction strategy for one image
+    of ``input_size`` (C, H, W): ``fusion``, ``last`` and, once a block is chosen, ``best``.
 
-    ``fusion`` and ``last`` always; ``best`` once a block is chosen (``model.best_block``). ``params``,
-    ``fixed_buffers``, ``flops`` and ``blocks_run`` come from one inference forward; ``activation_bytes`` from a
-    training step of ``cross_entropy(model(x), y)`` with the strategy (what back-propagating through it holds).
-
-    Args:
-        model: The ASGE network.
-        input_size: Image size (C, H, W).
+    ``activation_bytes`` comes from a training step of ``cross_entropy(model(x), y)`` with the strategy (what
+    back-propagating through it holds), the rest from one inference forward.
     """
     model = copy.deepcopy(model)
     strategies = ('fusion', 'last') + (('best',) if model.best_block is not None else ())

@@ -144,15 +144,9 @@ def load_tensors(
         label_column: Optional[str] = None,
         cache_dir: Optional[os.PathLike] = None,
 ) -> ImageData:
-    """Decode a whole split once into uint8 tensors, cached as safetensors for later runs.
-
-    Args:
-        source: ``'digits'``, a Hub id or a local folder.
-        img_size: Side the images are resized to (bilinear, antialiased), once here.
-        channels: 1 (greyscale) or 3 (RGB).
-        image_column: Image column, found from the features if None; ``label_column``: the ClassLabel one if None.
-        cache_dir: Where decoded tensors are cached (``$TIMM_ASGE_CACHE`` or ``~/.cache/timm_asge``).
-    """
+    """Decode a whole split of ``source`` (``'digits'``, a Hub id or a local folder) once into uint8 tensors of
+    ``channels`` x ``img_size`` x ``img_size``, cached as safetensors in ``cache_dir`` (``$TIMM_ASGE_CACHE`` or
+    ``~/.cache/timm_asge``). Columns not given are found from the features (:func:`find_columns`)."""
     if channels not in (1, 3):
         raise ValueError(f'data.channels must be 1 or 3, got {channels}')
     if source == 'digits':
@@ -196,12 +190,9 @@ def load_tensors(
 
 
 def split_train_val(data: Any, val_size: float, seed: int) -> Tuple[Any, Any]:
-    """Seeded random split of ``ImageData`` or a ``datasets.Dataset`` (undecoded) into train and validation.
-
-    ``val_size`` is a count or a fraction. The split is the one ``torch.utils.data.random_split(data, [train, val])``
-    makes after ``torch.manual_seed(seed)``, so seed 42 on MNIST or FashionMNIST (in their original order) gives the
-    authors' split.
-    """
+    """Seeded split of ``ImageData`` or a ``datasets.Dataset`` into train and validation (``val_size``: a count or a
+    fraction): the one ``random_split(data, [train, val])`` makes after ``torch.manual_seed(seed)``, so seed 42 on MNIST
+    or FashionMNIST gives the authors' split."""
     n_val = int(val_size) if val_size >= 1 else int(round(len(data) * val_size))
     if not 0 < n_val < len(data):
         raise ValueError(f'data.val_size={val_size} leaves no training or no validation samples of {len(data)}')
@@ -213,12 +204,8 @@ def split_train_val(data: Any, val_size: float, seed: int) -> Tuple[Any, Any]:
 
 
 def epoch_indices(num_samples: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """This rank's sample order for one epoch.
-
-    Every rank draws the same seeded permutation and takes every ``world_size``-th index from its rank on, so the
-    ranks together see each sample once. Like ``DistributedSampler``, the permutation is padded by wrapping around
-    to a multiple of ``world_size`` so every rank runs the same number of steps.
-    """
+    """This rank's sample order for one epoch: every ``world_size``-th index of one seeded permutation, padded by
+    wrapping around (as ``DistributedSampler``) so every rank runs the same number of steps."""
     perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     padded = math.ceil(num_samples / world_size) * world_size
     return torch.cat([perm, perm[:padded - num_samples]])[rank::world_size]
@@ -333,13 +320,11 @@ def image_loader(
         label_column: Optional[str] = None,
         seed: int = 0,
 ) -> torch.utils.data.DataLoader:
-    """DataLoader over a ``datasets.Dataset`` too large to decode into memory (ImageNet): decoding and
-    augmentation run in worker processes. Yields ``{'image': uint8 (B, C, H, W), 'label': int64 (B,)}``.
+    """DataLoader over a ``datasets.Dataset`` too large for memory (ImageNet), decoding in worker processes; yields
+    ``{'image': uint8 (B, C, H, W), 'label': int64 (B,)}``.
 
-    Training takes a random resized crop and a horizontal flip, shuffles with ``seed`` (a new order each
-    ``set_epoch``) and seeds every image's crop and flip from (``seed``, epoch, image), so a run resumed mid-epoch
-    draws what the uninterrupted run drew. Evaluation resizes to ``img_size / 0.875`` (timm's default crop_pct) and
-    takes the centre crop.
+    Training takes a random resized crop and flip seeded per (``seed``, epoch, image), so a run resumed mid-epoch
+    draws what the uninterrupted run drew. Evaluation resizes to ``img_size / 0.875`` and takes the centre crop.
     """
     image_column, label_column = find_columns(dataset.features, image_column, label_column)
     dataset = dataset.cast_column(image_column, datasets.Image(mode=_MODES[channels]))

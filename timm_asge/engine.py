@@ -1,16 +1,10 @@
 """Local learning for ASGE models: every block learns from its own loss, no gradient crosses a block boundary.
 
-``LocalLearner`` is an ``nn.Module`` whose ``forward(images, labels)`` returns every block's local loss and correct
-count plus the fusion read-out's loss, so accelerate / DDP can wrap it like any model (the local losses must come
-through the wrapped module's ``__call__``, or DDP never synchronises the gradients).
-
-Two modes give identical gradients:
-    * ``fused``: the caller sums the losses and runs one backward (one all-reduce under DDP).
-    * ``lean``: each block's backward runs right after its forward, inside ``forward``, so only one block's graph is
-      alive at a time: the memory advantage of local learning. ``forward`` then returns detached losses.
-
-A third mode, ``backprop``, is the baseline the method is measured against: the same network trained end to end
-through the fusion read-out (block inputs not detached, only the read-out's loss back-propagated).
+``LocalLearner.forward(images, labels)`` returns every block's local loss, so accelerate / DDP wrap it like any model
+(the losses must come through the wrapped module's ``__call__``, or DDP never synchronises the gradients). Modes:
+``fused`` sums the losses for one backward; ``lean`` runs each block's backward inside ``forward``, right after the
+block, so only one block's graph is alive at a time (the same gradients in less memory); ``backprop`` is the baseline:
+the same network trained end to end through the fusion read-out.
 """
 from typing import Dict, Iterable, List, Sequence, Tuple
 
@@ -67,12 +61,6 @@ class LocalLearner(nn.Module):
     """Training wrapper computing the losses of an :class:`AsgeCnn`: local ones, or end to end as a baseline."""
 
     def __init__(self, model: AsgeCnn, mode: str = 'fused'):
-        """
-        Args:
-            model: The ASGE network to train.
-            mode: ``'fused'`` (sum the returned loss, one backward), ``'lean'`` (per-block backward inside forward)
-                or ``'backprop'`` (the baseline: the same network trained end to end through the fusion read-out).
-        """
         super().__init__()
         self.model = model
         self.mode = check_choice('engine mode', mode, MODES)
@@ -82,13 +70,11 @@ class LocalLearner(nn.Module):
                              "train with a pooling such as global_pool='avg'")
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Compute every loss (and, in ``lean`` mode with grad enabled, its gradients).
+        """Every loss (and in ``lean`` mode, with grad enabled, its gradients).
 
         Returns:
-            ``loss``: what to call backward on (``fused``: the sum of all local losses; ``backprop``: the fusion
-            read-out's loss; ``lean``: that sum, detached); ``block_losses``: (L,) detached per-block losses;
-            ``fusion_loss``: detached read-out loss; ``correct``: (L + 1,) correct predictions of every block's
-            scores, then of the fusion read-out.
+            ``loss`` to call backward on (``lean``: detached), detached ``block_losses`` (L,) and ``fusion_loss``, and
+            ``correct`` (L + 1,): correct predictions of every block's scores, then of the fusion read-out.
         """
         model = self.model
         if not self.checked:  # once: shapes and dtypes do not change between batches, and checks cost host syncs
@@ -124,19 +110,11 @@ class LocalLearner(nn.Module):
 
 
 def param_groups(model: AsgeCnn, lr: float, weight_decay: float = 0.0) -> List[Dict]:
-    """One optimizer param group per block and two for the fusion read-out (weights, bias).
+    """Param groups of one optimizer: one per block, and the fusion read-out's weights and bias.
 
-    One optimizer with per-block groups, not one optimizer per block: accelerate steps a grad scaler and a prepared
-    scheduler once per optimizer.
-
-    The authors' read-out is one ``Linear(C_l, N)`` per fused block under one AdamW. Its weights are our weight's
-    column slices, but its K biases all get the same gradient, so their sum (our one bias) moves K times as far per
-    step and decays at the same rate: the bias group gets ``lr * K`` and ``weight_decay / K``, the same AdamW update.
-
-    Args:
-        model: The ASGE network.
-        lr: Learning rate of every group (the fusion read-out's weights included).
-        weight_decay: Weight decay of every group.
+    The authors' read-out is one ``Linear(C_l, N)`` per fused block under one AdamW: its weights are column slices of
+    ours, but its K biases all get the same gradient, so their sum (our one bias) moves K times as far per step and
+    decays at the same rate. The bias group gets ``lr * K`` and ``weight_decay / K``: the same AdamW update.
     """
     groups = [{'params': list(block.parameters()), 'lr': lr, 'weight_decay': weight_decay, 'name': f'stages.{i}'}
               for i, block in enumerate(model.stages)]
@@ -153,17 +131,18 @@ def param_groups(model: AsgeCnn, lr: float, weight_decay: float = 0.0) -> List[D
 
 @torch.no_grad()
 def evaluate(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Correct predictions of every block's scores and of the fusion read-out over ``batches``.
+    """Correct predictions of every block's scores and of the fusion read-out over ``batches``, counted by the training
+    pass itself (in eval mode: no dropout).
 
     Returns:
         ``correct`` (L + 1,) on the model's device (blocks, then fusion) and the number of samples (0-dim tensor),
         so the caller can reduce both across processes before dividing.
     """
     was_training = model.training
-    model.eval()
+    learner = LocalLearner(model).eval()
     correct, total = None, 0
     for images, labels in batches:
-        batch_correct = torch.stack([(out.argmax(dim=1) == labels).sum() for out in model.block_logits(images)])
+        batch_correct = learner(images, labels)['correct']
         correct = batch_correct if correct is None else correct + batch_correct
         total += labels.shape[0]
     model.train(was_training)
@@ -191,11 +170,8 @@ def choose_best_block(model: AsgeCnn, batches: Iterable[Tuple[torch.Tensor, torc
 
 
 def all_reduce_gradients(module: nn.Module) -> None:
-    """Average the gradients of ``module`` over all processes, in one flat all-reduce.
-
-    Used by ``lean`` mode under several processes: its per-block backward runs inside ``forward``, where DDP's
-    reducer does not expect it, so the recipe leaves the engine unwrapped and synchronises the gradients here.
-    """
+    """Average the gradients of ``module`` over all processes in one flat all-reduce: ``lean`` mode's backward runs
+    inside ``forward``, where DDP cannot synchronise it, so the recipe leaves that engine unwrapped and calls this."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -26,11 +26,8 @@ _MIN_VIEW_CELL_AREA = 256
 
 
 def grid_size(channels: int, ref_channels: int, alpha: float = 1.0) -> int:
-    """Side of the goodness grid of a block with ``channels`` (C_l), ``P_l = (C_L / C_l) ** alpha``.
-
-    The paper's rule gives integers for power-of-two widths (512 -> 1, 256 -> 2, 128 -> 4, 64 -> 8 with C_L = 512).
-    Other widths round to the nearest integer, never below 1, so a block wider than the reference keeps a 1x1 grid.
-    """
+    """Side of the goodness grid of a block with ``channels`` (C_l), ``P_l = (C_L / C_l) ** alpha``, rounded to the
+    nearest integer and at least 1 (exact for power-of-two widths: 512 -> 1, 256 -> 2, 128 -> 4 with C_L = 512)."""
     if channels <= 0 or ref_channels <= 0:
         raise ValueError(f'channel counts must be positive, got channels={channels}, ref_channels={ref_channels}')
     return max(1, int(round((ref_channels / channels) ** alpha)))
@@ -53,13 +50,11 @@ def _cells(y: torch.Tensor, grid: int) -> Optional[torch.Tensor]:
 
 
 def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
-    """Mean of ``y**2`` over each cell of a ``grid x grid`` partition of every channel, flattened channel-major.
+    """Mean of ``y**2`` over each cell of a ``grid x grid`` partition of every channel: (B, C, H, W) -> (B, C * P * P).
 
-    Accumulated in float32 whatever the input dtype (squares of bf16 activations lose too much precision). Large
-    equal cells (16x16 and up: the biggest maps) are reduced in one pass over a view of ``y``, so no full-size
-    temporary is made; smaller or unequal cells go through adaptive pooling of the squares (reductions over small
-    strided windows are slow). ``y`` is (B, C, H, W) with H and W at least ``grid``; the result is (B, C * grid**2),
-    float32 (float64 for float64 input).
+    Accumulated in float32 (float64 for float64 input): squares of bf16 activations lose too much precision. Large
+    equal cells are reduced in one pass over a view of ``y`` (no full-size temporary); smaller or unequal cells go
+    through adaptive pooling of the squares (reductions over small strided windows are slow).
     """
     dtype = _accumulation_dtype(y)
     cells = _cells(y, grid)
@@ -72,10 +67,9 @@ def spatial_goodness(y: torch.Tensor, grid: int) -> torch.Tensor:
 class _ReluSpatialGoodness(torch.autograd.Function):
     """ReLU and spatial goodness as one autograd node that keeps only the ReLU output for its backward.
 
-    With ``y = relu(z)`` and ``g = cell_mean(y**2)``: ``dL/dz = y * broadcast(2 / area * dL/dg)``, one multiply; the
-    ReLU mask needs no separate step because ``y`` is zero wherever ``z <= 0``. Autograd's own graph would keep a
-    float32 copy of ``y`` and the squares and build several full-size gradients; this node builds one, in ``y``'s
-    dtype and memory format.
+    With ``y = relu(z)`` and ``g = cell_mean(y**2)``: ``dL/dz = y * broadcast(2 / area * dL/dg)`` (``y`` is zero where
+    ``z <= 0``, so no separate ReLU mask). Autograd's own graph would keep a float32 copy of ``y`` and the squares and
+    build several full-size gradients; this node builds one, in ``y``'s dtype and memory format.
     """
 
     @staticmethod
@@ -106,13 +100,11 @@ class _ReluSpatialGoodness(torch.autograd.Function):
 
 
 def relu_spatial_goodness(z: torch.Tensor, grid: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``y = relu(z)`` and its spatial goodness ``g`` (float32), with a memory-lean backward through ``g`` only.
+    """``y = relu(z)`` and its spatial goodness ``g``, with a memory-lean backward through ``g`` only.
 
-    Gives the values and gradients of ``y = F.relu(z); g = spatial_goodness(y, grid)`` (in bf16 the gradient is
-    rounded once more), but ``y`` is returned without a gradient path (the local losses never differentiate through
-    a block's output) and the backward keeps only ``y``: what lets ``lean`` training run in a fraction of
-    back-propagation's memory. The ReLU runs in place on ``z`` when ``z`` is an intermediate result of its own (a
-    conv output); a leaf or a view is copied first, so the caller's tensor is never changed.
+    The values and gradients of ``y = F.relu(z); g = spatial_goodness(y, grid)``, but ``y`` has no gradient path (the
+    local losses never differentiate through a block's output) and the backward keeps only ``y``. The ReLU runs in
+    place on a conv output; a leaf or a view is copied first, so the caller's tensor is never changed.
     """
     if not torch.is_grad_enabled() or not z.requires_grad:
         y = F.relu(z)

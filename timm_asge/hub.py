@@ -1,14 +1,8 @@
 """Hugging Face Hub support for ASGE models: save, export a training run with its model card, push, checked loading.
 
-A Hub repo of an ASGE model is what timm reads: ``config.json`` and ``model.safetensors`` written by timm's
-``save_for_hf`` (``model_args`` holds every constructor argument, the prediction strategy and chosen block included;
-the weights hold the fixed projections) and a ``README.md`` model card rendered from ``hub_cards/template.md``.
-Plain timm loads it once ``timm_asge`` is imported::
-
-    import timm, timm_asge
-    model = timm.create_model('hf-hub:timm-asge/asge_cnn_tiny.digits', pretrained=True)
-
-Command line::
+A Hub repo of an ASGE model is timm's: ``config.json`` and ``model.safetensors`` from timm's ``save_for_hf`` (its
+``model_args`` rebuild the network, prediction strategy included) and a card from ``hub_cards/template.md``. Plain
+timm loads it once ``timm_asge`` is imported. Command line::
 
     python -m timm_asge.hub export outputs/digits outputs/hub/asge_cnn_tiny.digits \\
         --metadata hub_cards/asge_cnn_tiny.digits.yaml
@@ -54,10 +48,8 @@ class CheckpointError(ValueError):
 
 
 def save_pretrained(model: torch.nn.Module, directory: Union[str, Path], label_names: Sequence[str] = ()) -> Path:
-    """Write ``model`` to ``directory`` as ``config.json`` + ``model.safetensors``, atomically.
-
-    ``config.json`` records ``model.architecture_args()``, so ``timm.create_model('local-dir:<directory>',
-    pretrained=True)`` rebuilds the same network with the same prediction strategy.
+    """Write ``model`` to ``directory`` as ``config.json`` + ``model.safetensors``, atomically, for
+    ``timm.create_model('local-dir:<directory>', pretrained=True)``.
 
     Raises:
         FileExistsError: ``directory`` holds other files than an earlier save (replacing it would delete them).
@@ -237,17 +229,15 @@ def build_card(
         template: Union[str, Path] = CARDS_DIR / 'template.md',
         sha256: Optional[Dict[str, str]] = None,
 ) -> str:
-    """Render the model card (``README.md``) of a trained checkpoint.
+    """The model card (``README.md``) of a trained checkpoint: metadata with a ``model-index`` entry per prediction
+    strategy, then the template's body.
 
     Args:
-        results: The run's ``results.json``: test accuracy, per-block accuracy and costs of each prediction strategy.
+        results: The run's ``results.json``.
         metadata: A ``hub_cards/<name>.yaml``: name, description, license, dataset title and Hub id, paper accuracy.
         repo_id: Hub repo the card's usage snippet loads; defaults to the metadata's, else ``timm-asge/<name>``.
         template: Jinja card template.
-        sha256: SHA-256 of the repo's files, recorded in the card's metadata and checked by create_model_checked.
-
-    Returns:
-        The card: YAML metadata with a ``model-index`` entry per prediction strategy, then the template's body.
+        sha256: SHA-256 of the repo's files, recorded in the card and checked by create_model_checked.
     """
     metadata = metadata or {}
     dataset = {**metadata.get('dataset', {}), **{k: v for k, v in results['dataset'].items() if v is not None}}
@@ -360,20 +350,12 @@ def push(
         create_pr: bool = False,
         commit_message: str = 'Add ASGE model',
 ) -> List[str]:
-    """Upload an exported folder's ``config.json``, ``model.safetensors`` and ``README.md`` to a Hub model repo.
+    """Upload an exported folder's ``config.json``, ``model.safetensors`` and ``README.md`` to the Hub repo
+    ``repo_id`` (created if missing); returns the file names (a dry run only checks).
 
-    The folder is checked first: the weights load, and the card has model-index results and loads ``repo_id``. It is
-    uploaded as exported: timm's ``push_to_hf_hub`` would serialise the model again and keep a repo's existing card.
-
-    Args:
-        folder: Output of :func:`export`.
-        repo_id: ``org/name``; created if missing.
-        dry_run: Check and return the files; upload nothing.
-        token: Hub token; None uses ``HF_TOKEN`` or the ``hf auth login`` one.
-        private, revision, create_pr, commit_message: As in ``HfApi.create_repo`` and ``HfApi.upload_folder``.
-
-    Returns:
-        The file names uploaded (for a dry run: to upload).
+    The folder is checked first: the weights load, and the card has results and loads ``repo_id``. It is uploaded as
+    exported: timm's ``push_to_hf_hub`` would serialise the model again and keep a repo's existing card. ``token``:
+    None uses ``HF_TOKEN`` or the ``hf auth login`` one; the rest as in ``HfApi.create_repo`` and ``upload_folder``.
     """
     folder = Path(folder)
     create_model_checked(f'local-dir:{folder}')

@@ -79,8 +79,7 @@ class AsgeCnn(nn.Module):
             best_block: Index (0-based) of the block ``best`` reads, chosen on validation after training.
             fusion_start: First block (0-based) whose output feeds the fusion read-out.
             projection_seed: Base seed of the fixed random projections.
-            head_init_scale: Multiplier of the fusion read-out's initial weights. 1 is the authors' Kaiming-normal
-                init; nn.Linear's default spread is ``sqrt(C_l / (6 * sum C_l))`` of it (0.13-0.18 for VGG8).
+            head_init_scale: Multiplier of the fusion read-out's initial weights (1: the authors' Kaiming-normal).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -245,9 +244,9 @@ class AsgeCnn(nn.Module):
             x: Images (B, C, H, W).
             stop: Run only the blocks before this index (all if None).
             local: Local learning (the engine): each block reads a detached input and its transition runs without
-                autograd, so no gradient can cross a block; the map Y itself has no gradient path.
+                autograd, so no gradient can cross a block.
             scores: Also compute each block's class scores; outside ``local``, without autograd (for monitoring).
-            output_last: Run the last block's transition; without it, the last block yields no output.
+            output_last: Run the last block's transition (else it yields no output).
 
         Yields:
             Per block: the activation map Y, the class scores (or None) and the block's output (the next input).
@@ -280,10 +279,8 @@ class AsgeCnn(nn.Module):
             take_indices: Sequence[int] = (),
             stop: Optional[int] = None,
     ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
-        """The active strategy's features (None if ``stop`` ends before they exist) and the outputs in take_indices.
-
-        Without ``stop``, runs up to the last block the strategy or ``take_indices`` needs.
-        """
+        """The active strategy's features (None if ``stop`` comes before them) and the outputs in ``take_indices``;
+        without ``stop``, up to the last block the strategy or ``take_indices`` needs."""
         fusion = self.prediction == 'fusion'
         stop = stop or max([*take_indices, len(self.stages) - 1 if fusion else self.read_block]) + 1
         size = self.output_size(*x.shape[-2:])
@@ -316,17 +313,6 @@ class AsgeCnn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    @torch.no_grad()
-    def block_logits(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Every block's fixed-projection scores and, last, the fusion logits, from one pass (for evaluation)."""
-        size = self.output_size(*x.shape[-2:])
-        logits, fused = [], []
-        for i, (_, scores, output) in enumerate(self.iter_blocks(x, scores=True)):
-            logits.append(scores)
-            if i >= self.fusion_start:
-                fused.append(self.fusion_input(output, size))
-        return logits + [self.head(torch.cat(fused, dim=1))]
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -336,16 +322,9 @@ class AsgeCnn(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates (block outputs).
-
-        Args:
-            x: Input image tensor.
-            indices: Take last n blocks if int, all if None, select matching indices if sequence.
-            norm: Unused (ASGE blocks end in a parameter-free RMS norm already).
-            stop_early: Stop after the last requested block when only intermediates are needed.
-            output_fmt: Only ``'NCHW'``.
-            intermediates_only: Only return the intermediates.
-        """
+        """Forward features that returns intermediates (block outputs), with timm's arguments: ``indices`` takes the
+        last n blocks if int, all if None, the matching ones if a sequence; ``norm`` is unused (every block output is
+        RMS-normalised already)."""
         assert output_fmt == 'NCHW', 'Output format must be NCHW.'
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stop = max_index + 1 if intermediates_only and stop_early else None
@@ -387,9 +366,8 @@ def _create_asge(variant: str, pretrained: bool = False, **kwargs) -> AsgeCnn:
 
 
 def _cfg(url: str = '', num_blocks: int = 7, **kwargs) -> Dict[str, Any]:
-    # The network RMS-normalises its input itself, so the data pipeline only scales to [0, 1] (mean 0, std 1).
-    # Everything that depends on the class count is listed as a classifier: timm drops it (and it is rebuilt fresh)
-    # when num_classes changes on load.
+    # The network RMS-normalises its input, so data is only scaled to [0, 1]. Everything that depends on the class
+    # count is a classifier: timm drops it (and it is built anew) when num_classes changes on load.
     return {
         'url': url,
         'num_classes': 10,
@@ -422,11 +400,8 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def asge_cnn_tiny(pretrained: bool = False, **kwargs) -> AsgeCnn:
-    """ASGE-Tiny: 4 blocks (32, 64*, 64*, 128) at 16x16 greyscale; trains in seconds on a CPU (demos, tests).
-
-    Not a network of the paper's, so its read-out starts at nn.Linear's default spread (0.20-0.29 of the authors'
-    Kaiming init for these widths): with the authors' scale, a 20-epoch digits run ends at 83% fusion, not 91%.
-    """
+    """ASGE-Tiny: 4 blocks (32, 64*, 64*, 128) at 16x16 greyscale; trains in seconds on a CPU (demos, tests). Not the
+    paper's: its read-out starts at a quarter of the authors' init (a 20-epoch digits run: 91% fusion, not 83%)."""
     model_args = dict(
         widths=(32, 64, 64, 128), downsample=(False, True, True, False), in_chans=1, head_init_scale=0.25)
     return _create_asge('asge_cnn_tiny', pretrained=pretrained, **dict(model_args, **kwargs))

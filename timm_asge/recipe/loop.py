@@ -170,16 +170,9 @@ def start_profiler(
         device: torch.device,
         path: Path,
 ) -> Optional[torch.profiler.profile]:
-    """torch.profiler over ``profile_steps`` steps early in the second epoch (past compilation), or a short run's last
-    steps; when the window closes it writes the ops' self times to ``path``. None when no steps are left for it.
-
-    Args:
-        profile_steps: Steps to record (fewer if the epoch or the run ends first).
-        run_steps: The step count at which this run ends.
-        steps_per_epoch: Optimizer steps per epoch; the window stays inside one epoch (no evaluation in it).
-        done: Steps trained before this run (a resumed run).
-        device: The training device (CUDA adds device times).
-        path: Where the tables go.
+    """torch.profiler over up to ``profile_steps`` steps early in the second epoch (past compilation), or a short
+    run's last steps, inside one epoch (no evaluation in the window); writes the ops' self times to ``path``. None
+    when this run (which ends at step ``run_steps``, ``done`` steps were trained before it) has no steps left for it.
     """
     first = min(steps_per_epoch + 5, max(run_steps - profile_steps - 1, 0))
     first = max(first, done + 5) if done else first
