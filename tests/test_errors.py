@@ -54,6 +54,8 @@ def test_labels_that_are_not_class_indices():
     # A column of integer labels is reshaped, not argmax-ed (which would make every label 0).
     with pytest.raises(ValueError, match=r'got torch.int64 of shape \(4, 1\); pass labels.reshape\(-1\)'):
         engine(images, torch.tensor([[3], [1], [7], [2]]))
+    with pytest.raises(ValueError, match=r'got torch.int64 of shape \(\); pass one class index per image$'):
+        engine(images, torch.tensor(3))
     with pytest.raises(ValueError, match=r'shape \(4,\), got torch.int64 of shape \(3,\)'):
         engine(images, torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r'labels \[300\] lie outside \[0, 10\)'):
